@@ -1,0 +1,1 @@
+# rules for stage 'demo' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'download' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'evaluate' (see docs/architecture.md)

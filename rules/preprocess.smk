@@ -1,0 +1,1 @@
+# rules for stage 'preprocess' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'prior' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'quantize' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'report' (see docs/architecture.md)

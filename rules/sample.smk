@@ -1,0 +1,1 @@
+# rules for stage 'sample' (see docs/architecture.md)

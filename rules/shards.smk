@@ -1,0 +1,1 @@
+# rules for stage 'shards' (see docs/architecture.md)

@@ -1,0 +1,1 @@
+# rules for stage 'split' (see docs/architecture.md)

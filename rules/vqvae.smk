@@ -1,0 +1,1 @@
+# rules for stage 'vqvae' (see docs/architecture.md)
