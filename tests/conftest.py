@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny, contract-conformant data made in the test (see docs/architecture.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+# CI has 2 cores; tests are tiny, so one thread avoids oversubscription when pytest runs in parallel.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_brain_slices(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (images, masks): n ellipse 'brains' with a darker 'ventricle', values in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
+    images = np.zeros((n, size, size), np.float32)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        a, b = rng.uniform(0.55, 0.8), rng.uniform(0.65, 0.9)
+        brain = (xx / a) ** 2 + (yy / b) ** 2 <= 1
+        ventricle = ((xx / (0.12 + 0.1 * rng.random())) ** 2 + (yy / 0.3) ** 2) <= 1
+        texture = 0.6 + 0.25 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(5 * yy)
+        image = np.where(brain, texture, 0.0)
+        image = np.where(ventricle, 0.2, image)
+        images[i] = np.clip(image + rng.normal(0, 0.02, image.shape) * brain, 0, 1)
+        masks[i] = brain
+    return images, masks
+
+
+def write_shard(path: Path, images, masks, scans, participants, slice_index, slice_position, split: str) -> Path:
+    """Write one shard in the contract layout."""
+    n, h, w = images.shape
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, h, w), compression="gzip")
+        f.create_dataset("masks", data=masks, chunks=(1, h, w), compression="gzip")
+        f.create_dataset("subject", data=np.array(scans, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("participant", data=np.array(participants, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32))
+        f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32))
+        f.attrs.update(spacing_mm=1.0, size=h, source="synthetic", config_hash="test", split=split)
+    return path
+
+
+@pytest.fixture
+def tiny_shards(tmp_path) -> Path:
+    """A shards/ folder with train-000.h5 (6 subjects) and test-000.h5 (2 subjects), 8 slices each, 32 px."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for split, subjects, seed in (("train", [f"S{i:02d}" for i in range(6)], 0), ("test", ["T00", "T01"], 1)):
+        per = 8
+        images, masks = synthetic_brain_slices(per * len(subjects), 32, seed)
+        scans = [s for s in subjects for _ in range(per)]
+        write_shard(
+            folder / f"{split}-000.h5", images, masks, scans, scans,
+            list(range(per)) * len(subjects), list(np.linspace(0, 1, per)) * len(subjects), split,
+        )
+    return folder
