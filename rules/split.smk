@@ -1,1 +1,21 @@
-# rules for stage 'split' (see docs/architecture.md)
+# rules for stage 'split' (see docs/architecture.md): subject-level train/test split.
+
+
+rule split:
+    input:
+        subjects=out("subjects.tsv"),
+        participants=out("participants.tsv"),
+        excluded=out("qc/excluded_inputs.csv"),
+        slices=discovered_slice_files,
+    output:
+        split=out("split.csv"),
+        excluded=out("qc/excluded.csv"),
+    log:
+        out("logs/split.log"),
+    conda:
+        "../envs/preprocess.yaml"
+    threads: 1
+    params:
+        split=config["split"],
+    script:
+        "../workflow_scripts/split.py"

@@ -1,0 +1,1 @@
+"""Benchmarks of the brainvq stages (run as modules: python -m benchmarks.<name>)."""

@@ -1,0 +1,758 @@
+"""Subject-level split, HDF5 shards, the PyTorch shard reader and per-scan QC montages.
+
+Contracts (paths, HDF5 layout) are in docs/architecture.md. The unit of every split decision is the
+**subject** (participant): all scans (sessions) of one subject land in the same set, and the shard
+writer refuses to write anything if a subject would end up in both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from brainvq.demographics import read_participants_tsv
+
+# torch and scikit-learn are imported where used: split, shard and per-scan montage jobs run without
+# torch (preprocess env), and importing both costs seconds per job, paid once per scan by qc_montage.
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+SPLIT_COLUMNS = ["scan", "subject", "session", "split", "validation"]
+EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
+# Small per-slice datasets: the reader builds its index from these without touching the images.
+METADATA_DATASETS = ("subject", "participant", "slice_index", "slice_position")
+SHARD_DATASETS = ("images", "masks") + METADATA_DATASETS
+
+
+class SplitError(ValueError):
+    """The split cannot be made: too few subjects, an unknown stratify column, missing slice files."""
+
+
+class LeakageError(RuntimeError):
+    """A subject would appear in both the training and the test set."""
+
+
+class ShardError(RuntimeError):
+    """A shard or per-scan slices file is missing, unreadable or lacks a contract dataset."""
+
+
+class ShardSizeError(ShardError):
+    """Shards (or slices files) disagree on the image size."""
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+def read_subjects_tsv(path: str | Path) -> pd.DataFrame:
+    """Return subjects.tsv as strings (empty session stays ``""``).
+
+    Raises:
+        SplitError: when the file lacks the ``scan``/``subject`` columns.
+    """
+    path = Path(path)
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = {"scan", "subject"} - set(table.columns)
+    if missing:
+        raise SplitError(f"{path} lacks columns {sorted(missing)}; re-run discover_subjects")
+    if "session" not in table.columns:
+        table["session"] = ""
+    return table
+
+
+def read_excluded_csv(path: str | Path) -> pd.DataFrame:
+    """Return an exclusions table (``scan, path, stage, reason``); an empty or header-only file gives no rows."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        return pd.DataFrame(columns=EXCLUDED_COLUMNS)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in EXCLUDED_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    return table[EXCLUDED_COLUMNS]
+
+
+def slice_file_exclusion(path: str | Path) -> tuple[str, str]:
+    """Return ``(stage, reason)`` of a slices/{scan}.h5 file; ``reason`` is ``""`` when the scan is kept.
+
+    A file with no slices and no recorded reason counts as excluded ("no slices kept").
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            reason = _as_str(f.attrs.get("excluded_reason", ""))
+            stage = _as_str(f.attrs.get("excluded_stage", "")) or "slice_volume"
+            n = f["slice_index"].shape[0] if "slice_index" in f else 0
+    except OSError as error:
+        raise ShardError(f"cannot read slices file {path}: {error}; delete it and re-run slice_volume") from error
+    if not reason and n == 0:
+        reason = "no slices kept"
+    return stage, reason
+
+
+def excluded_scans(discovery_excluded: pd.DataFrame, subjects: pd.DataFrame,
+                   slice_files: Mapping[str, str | Path]) -> pd.DataFrame:
+    """Return every excluded scan: discovery-stage rows plus scans whose slices file records a reason.
+
+    Args:
+        discovery_excluded: qc/excluded_inputs.csv (``scan, path, stage, reason``).
+        subjects: subjects.tsv (gives each scan's input path).
+        slice_files: scan key -> slices/{scan}.h5.
+
+    Returns:
+        A table with columns ``scan, path, stage, reason``, sorted by scan.
+    """
+    paths = dict(zip(subjects["scan"], subjects.get("path", pd.Series([""] * len(subjects)))))
+    rows = []
+    for scan in sorted(slice_files):
+        stage, reason = slice_file_exclusion(slice_files[scan])
+        if reason:
+            rows.append({"scan": scan, "path": paths.get(scan, ""), "stage": stage, "reason": reason})
+    table = pd.concat([discovery_excluded[EXCLUDED_COLUMNS], pd.DataFrame(rows, columns=EXCLUDED_COLUMNS)],
+                      ignore_index=True)
+    return table.drop_duplicates("scan", keep="first").sort_values("scan", ignore_index=True)
+
+
+def kept_scans(subjects: pd.DataFrame, excluded: pd.DataFrame, slice_files: Mapping[str, str | Path]) -> pd.DataFrame:
+    """Return the rows of subjects.tsv that were not excluded.
+
+    Raises:
+        SplitError: when a kept scan has no slices file.
+    """
+    kept = subjects[~subjects["scan"].isin(set(excluded["scan"]))]
+    missing = sorted(set(kept["scan"]) - set(slice_files))
+    if missing:
+        raise SplitError(
+            f"no slices file for scans {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+            "run slice_volume for them (results/<run>/slices/{scan}.h5)"
+        )
+    return kept.reset_index(drop=True)
+
+
+def merge_participants(scans: pd.DataFrame, participants: pd.DataFrame) -> pd.DataFrame:
+    """Return ``scans`` with participants columns merged by subject and session.
+
+    A participants row with the scan's session wins; otherwise the subject's session-less row
+    (or its first row) is used, so per-subject demographics reach every session.
+    """
+    scans = scans.assign(session=scans["session"].fillna("").astype(str))
+    people = participants.copy()
+    people["subject"] = people["subject"].astype(str)
+    people["session"] = people["session"].fillna("").astype(str)
+    extra = [c for c in people.columns if c not in ("subject", "session") and c not in scans.columns]
+    people = people[["subject", "session"] + extra]
+    exact = people.drop_duplicates(["subject", "session"])
+    # Session-less rows first, so drop_duplicates keeps the subject-level demographics.
+    by_subject = (people.sort_values("session", key=lambda s: s != "", kind="stable")
+                  .drop_duplicates("subject").drop(columns="session"))
+    exact_rows = scans.merge(exact, on=["subject", "session"], how="left", indicator=True)
+    subject_rows = scans.merge(by_subject, on="subject", how="left")
+    matched = (exact_rows["_merge"] == "both").to_numpy()
+    # DataFrame.where keeps the session-specific value and falls back to the subject-level one.
+    values = exact_rows[extra].where(np.repeat(matched[:, None], len(extra), axis=1), subject_rows[extra])
+    merged = pd.concat([scans.reset_index(drop=True), values], axis=1)
+    return merged
+
+
+def subject_strata(table: pd.DataFrame, column: str) -> pd.Series:
+    """Return one stratum label per subject (index): its first non-empty value of ``column``."""
+    labels = table[column].astype(str).where(table[column].notna() & (table[column].astype(str) != ""), "<missing>")
+    return labels.groupby(table["subject"], sort=True).first()
+
+
+def pooled_strata(labels: pd.Series) -> pd.Series:
+    """Return ``labels`` with strata of fewer than two subjects pooled, since those cannot be on both sides.
+
+    A lone leftover after pooling joins the largest stratum.
+    """
+    counts = labels.value_counts()
+    rare = counts[counts < 2].index
+    if len(rare):
+        labels = labels.where(~labels.isin(rare), "<rare>")
+        if (labels == "<rare>").sum() == 1 and (labels != "<rare>").any():
+            labels = labels.replace("<rare>", labels[labels != "<rare>"].value_counts().idxmax())
+    return labels
+
+
+def held_out_subjects(subjects: Sequence[str], fraction: float, seed: int,
+                      strata: pd.Series | None = None) -> set[str]:
+    """Return a ``fraction`` share of ``subjects`` (at least one, never all) drawn with scikit-learn.
+
+    Args:
+        subjects: subject IDs, one each.
+        fraction: share to hold out, in (0, 1).
+        seed: random state of the splitter.
+        strata: optional label per subject (indexed by subject); stratifies when every stratum can
+            be represented on both sides, else falls back to a plain shuffle split with a warning.
+
+    Raises:
+        SplitError: with fewer than two subjects.
+    """
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+    subjects = np.asarray(sorted(subjects), dtype=object)
+    n = len(subjects)
+    if n < 2:
+        raise SplitError(f"cannot hold out subjects from {n} subject(s); at least 2 are needed")
+    n_out = min(max(1, math.ceil(fraction * n)), n - 1)
+    splitter = ShuffleSplit(n_splits=1, test_size=n_out, random_state=seed)
+    labels = None
+    if strata is not None:
+        labels = pooled_strata(strata.reindex(subjects)).to_numpy()
+        n_classes = len(set(labels))
+        if n_classes > 1 and min(n_out, n - n_out) >= n_classes:
+            splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_out, random_state=seed)
+        elif n_classes > 1:
+            log.warning("cannot stratify %d subjects into %d held out over %d strata; split unstratified",
+                        n, n_out, n_classes)
+            labels = None
+    _, out_index = next(splitter.split(subjects, labels))
+    return set(subjects[out_index])
+
+
+def subject_split(scans: pd.DataFrame, participants: pd.DataFrame, test_fraction: float, val_fraction: float,
+                  seed: int, stratify: str | None = None) -> pd.DataFrame:
+    """Return the split table: ``scan, subject, session, split, validation`` + participants columns.
+
+    Args:
+        scans: kept scans (subjects.tsv rows: ``scan, subject, session``).
+        participants: participants.tsv (``subject, session`` + demographics).
+        test_fraction: share of subjects in the test set (at least one subject).
+        val_fraction: share of training subjects marked ``validation`` (0 for none).
+        seed: makes the split reproducible.
+        stratify: optional participants column to stratify both draws by (e.g. ``site``).
+
+    Raises:
+        SplitError: with fewer than two subjects, or an unknown ``stratify`` column.
+    """
+    table = merge_participants(scans[["scan", "subject", "session"]], participants)
+    if stratify is not None and stratify not in table.columns:
+        raise SplitError(
+            f"split.stratify={stratify!r} is not a participants.tsv column "
+            f"(have {sorted(set(participants.columns) - {'subject', 'session'})}); set split.stratify to one or null"
+        )
+    subjects = sorted(set(table["subject"]))
+    if len(subjects) < 2:
+        raise SplitError(f"only {len(subjects)} subject(s) left after exclusions; at least 2 are needed to split")
+    strata = subject_strata(table, stratify) if stratify else None
+    test = held_out_subjects(subjects, test_fraction, seed, strata)
+    train = [s for s in subjects if s not in test]
+    validation: set[str] = set()
+    if val_fraction > 0 and len(train) >= 2:
+        # A different stream than the test draw, so changing val_fraction never moves test subjects.
+        validation = held_out_subjects(train, val_fraction, seed + 1, strata)
+    elif val_fraction > 0:
+        log.warning("only one training subject; no validation subjects held out")
+    table.insert(3, "split", np.where(table["subject"].isin(test), "test", "train"))
+    table.insert(4, "validation", table["subject"].isin(validation))
+    assert_subjects_disjoint(table)
+    return table.sort_values("scan", ignore_index=True)
+
+
+def subjects_in_both_splits(split_df: pd.DataFrame, column: str = "subject") -> list[str]:
+    """Return the values of ``column`` that occur with more than one split."""
+    per_subject = split_df.groupby(column)["split"].nunique()
+    return sorted(per_subject[per_subject > 1].index)
+
+
+def assert_subjects_disjoint(split_df: pd.DataFrame) -> None:
+    """Raise LeakageError if a subject (or scan) is in both splits, or a test subject is marked validation."""
+    leaked = subjects_in_both_splits(split_df) + subjects_in_both_splits(split_df, "scan")
+    if leaked:
+        raise LeakageError(f"subjects/scans in both train and test: {sorted(set(leaked))}; "
+                           "re-run the split rule (delete split.csv) rather than editing it by hand")
+    test_validation = sorted(set(split_df.loc[(split_df["split"] == "test") & split_df["validation"], "subject"]))
+    if test_validation:
+        raise LeakageError(f"test subjects marked validation: {test_validation}; re-run the split rule")
+
+
+def write_csv_atomic(table: pd.DataFrame, path: str | Path) -> None:
+    """Write ``table`` as CSV to a temporary name, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def make_split(subjects_tsv: str | Path, participants_tsv: str | Path, excluded_inputs_csv: str | Path,
+               slice_files: Mapping[str, str | Path], split_config: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return ``(split table, excluded table)`` from the discovery outputs and the per-scan slices files.
+
+    Args:
+        subjects_tsv, participants_tsv, excluded_inputs_csv: outputs of discover_subjects.
+        slice_files: scan key -> slices/{scan}.h5.
+        split_config: the validated ``split`` config section.
+    """
+    subjects = read_subjects_tsv(subjects_tsv)
+    excluded = excluded_scans(read_excluded_csv(excluded_inputs_csv), subjects, slice_files)
+    kept = kept_scans(subjects, excluded, slice_files)
+    table = subject_split(kept, read_participants_tsv(participants_tsv), split_config["test_fraction"],
+                          split_config["val_fraction"], split_config["seed"], split_config["stratify"])
+    return table, excluded
+
+
+def read_split(path: str | Path) -> pd.DataFrame:
+    """Return split.csv with ``scan/subject/session`` as strings and ``validation`` as bool.
+
+    Raises:
+        SplitError: when a required column is missing or ``split`` has a value other than train/test.
+    """
+    path = Path(path)
+    table = pd.read_csv(path, dtype={"scan": str, "subject": str, "session": str})
+    missing = [c for c in SPLIT_COLUMNS if c not in table.columns]
+    if missing:
+        raise SplitError(f"{path} lacks columns {missing}; re-run the split rule")
+    bad = sorted(set(table["split"]) - set(SPLITS))
+    if bad:
+        raise SplitError(f"{path} has split values {bad}; only train/test are allowed. Re-run the split rule")
+    table["session"] = table["session"].fillna("")
+    table["validation"] = table["validation"].astype(str).str.lower().isin(["true", "1"])
+    return table
+
+
+def validation_subjects(split_df: pd.DataFrame) -> set[str]:
+    """Return the training subjects held out for validation.
+
+    Raises:
+        LeakageError: if a test subject is marked validation.
+    """
+    assert_subjects_disjoint(split_df)
+    return set(split_df.loc[split_df["validation"] & (split_df["split"] == "train"), "subject"])
+
+
+# -------------------------------------------------------------------------------------------- shards
+
+
+def _as_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _strings(dataset) -> np.ndarray:
+    """Return an HDF5 string dataset as a numpy array of ``str``."""
+    return np.asarray(dataset.asstr()[()], dtype=object)
+
+
+def read_slice_metadata(path: str | Path) -> dict:
+    """Return the per-slice metadata of a slices/shard file: the METADATA_DATASETS and ``shape`` (N, H, W).
+
+    Raises:
+        ShardError: when the file cannot be opened or lacks a contract dataset.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in SHARD_DATASETS if name not in f]
+            if missing:
+                raise ShardError(f"{path} lacks datasets {missing}; re-create it (slice_volume / write_shards)")
+            return {
+                "subject": _strings(f["subject"]),
+                "participant": _strings(f["participant"]),
+                "slice_index": f["slice_index"][()].astype(np.int32),
+                "slice_position": f["slice_position"][()].astype(np.float32),
+                "shape": tuple(int(d) for d in f["images"].shape),
+            }
+    except OSError as error:
+        raise ShardError(f"cannot read {path}: {error}; delete it and re-run the rule that writes it") from error
+
+
+def assert_written_subjects_disjoint(participants_by_split: Mapping[str, set[str]]) -> None:
+    """Raise LeakageError if a participant is about to be written to more than one split."""
+    train, test = participants_by_split.get("train", set()), participants_by_split.get("test", set())
+    leaked = sorted(train & test)
+    if leaked:
+        raise LeakageError(f"participants found in slices of both train and test scans: {leaked}; "
+                           "the slices files disagree with split.csv — re-run slice_volume and split")
+
+
+def shard_plan(scan_counts: Sequence[tuple[str, int]], shard_size: int) -> list[list[tuple[str, int, int]]]:
+    """Return, per shard, the ``(scan, start, stop)`` row ranges that fill it, in order.
+
+    Args:
+        scan_counts: ``(scan, n_slices)`` in the order slices are concatenated.
+        shard_size: slices per shard (the last shard may be smaller).
+    """
+    shards: list[list[tuple[str, int, int]]] = []
+    current: list[tuple[str, int, int]] = []
+    room = shard_size
+    for scan, count in scan_counts:
+        start = 0
+        while start < count:
+            take = min(room, count - start)
+            current.append((scan, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(current)
+                current, room = [], shard_size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _ordered_scan_arrays(path: Path, metadata: dict) -> dict:
+    """Return a slices file's arrays with rows ordered by slice index."""
+    order = np.argsort(metadata["slice_index"], kind="stable")
+    with h5py.File(path, "r") as f:
+        images, masks = f["images"][()], f["masks"][()]
+    arrays = {name: metadata[name][order] for name in METADATA_DATASETS}
+    arrays["images"], arrays["masks"] = images[order], masks[order].astype(bool)
+    return arrays
+
+
+def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, image_shape: tuple[int, int],
+                 dtype: str, attrs: dict) -> dict:
+    """Write one shard from ``pieces`` and return its manifest entry."""
+    n = sum(stop - start for _, start, stop in pieces)
+    h, w = image_shape
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", (n, h, w), dtype=dtype, chunks=(1, h, w), compression="gzip")
+        masks = f.create_dataset("masks", (n, h, w), dtype=bool, chunks=(1, h, w), compression="gzip")
+        meta = {name: [] for name in METADATA_DATASETS}
+        row = 0
+        for scan, start, stop in pieces:
+            arrays = arrays_of(scan)
+            images[row:row + stop - start] = arrays["images"][start:stop].astype(dtype)
+            masks[row:row + stop - start] = arrays["masks"][start:stop]
+            for name in METADATA_DATASETS:
+                meta[name].append(arrays[name][start:stop])
+            row += stop - start
+        for name in ("subject", "participant"):
+            f.create_dataset(name, data=np.concatenate(meta[name]).astype(object), dtype=h5py.string_dtype())
+        f.create_dataset("slice_index", data=np.concatenate(meta["slice_index"]).astype(np.int32))
+        f.create_dataset("slice_position", data=np.concatenate(meta["slice_position"]).astype(np.float32))
+        f.attrs.update(attrs)
+    participants = sorted(set(np.concatenate(meta["participant"])))
+    return {"file": path.name, "split": attrs["split"], "n_slices": n,
+            "n_scans": len({scan for scan, _, _ in pieces}), "n_subjects": len(participants)}
+
+
+def _replace_directory(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``, replacing an existing ``target`` only once ``tmp`` is complete."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], out_dir: str | Path,
+                 shard_size: int, dtype: str, attrs: Mapping) -> dict:
+    """Write ``{split}-NNN.h5`` shards and ``manifest.json`` into ``out_dir``, atomically.
+
+    Slices of each split are concatenated in scan order, then slice-index order, and cut into shards
+    of ``shard_size`` slices. Nothing is written when a subject would land in both splits.
+
+    Args:
+        split_df: the split table (``read_split``).
+        slice_files: scan key -> slices/{scan}.h5, for every scan in ``split_df``.
+        out_dir: the shards folder; written under a temporary name and renamed when complete.
+        shard_size: slices per shard.
+        dtype: image dtype in the shards (``float16`` or ``float32``).
+        attrs: shard attributes (``spacing_mm``, ``size``, ``source``, ``config_hash``); ``split`` is added.
+
+    Returns:
+        The manifest written to ``manifest.json``.
+
+    Raises:
+        LeakageError: a subject in both splits, by the table or by the slices files' participants.
+        SplitError: a scan of the table has no slices file.
+        ShardSizeError: slices files disagree on the image size.
+    """
+    out_dir = Path(out_dir)
+    assert_subjects_disjoint(split_df)
+    missing = sorted(set(split_df["scan"]) - set(slice_files))
+    if missing:
+        raise SplitError(f"no slices file for scans {missing[:10]} of split.csv; run slice_volume for them")
+    scans_by_split = {s: sorted(split_df.loc[split_df["split"] == s, "scan"]) for s in SPLITS}
+    metadata = {scan: read_slice_metadata(slice_files[scan]) for scans in scans_by_split.values() for scan in scans}
+    # Second leakage check, on what would actually be written rather than on the table.
+    assert_written_subjects_disjoint({s: {p for scan in scans for p in metadata[scan]["participant"]}
+                                      for s, scans in scans_by_split.items()})
+    for split, scans in scans_by_split.items():
+        if not sum(metadata[scan]["shape"][0] for scan in scans):
+            raise ShardError(f"split {split!r} has no slices to write (scans: {scans}); check qc/excluded.csv")
+    image_shape = _common_image_shape({Path(slice_files[scan]): m["shape"] for scan, m in metadata.items()
+                                       if m["shape"][0] > 0})
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cache: dict[str, dict] = {}
+
+    def arrays_of(scan: str) -> dict:
+        # A scan spans at most two consecutive shards: keep only the latest one in memory.
+        if scan not in cache:
+            cache.clear()
+            cache[scan] = _ordered_scan_arrays(Path(slice_files[scan]), metadata[scan])
+        return cache[scan]
+
+    try:
+        entries = []
+        for split, scans in scans_by_split.items():
+            plan = shard_plan([(scan, metadata[scan]["shape"][0]) for scan in scans], shard_size)
+            for k, pieces in enumerate(plan):
+                path = tmp / f"{split}-{k:03d}.h5"
+                entries.append(_write_shard(path, pieces, arrays_of, image_shape, dtype, {**attrs, "split": split}))
+                log.info("wrote %s (%d slices)", path.name, entries[-1]["n_slices"])
+        manifest = shard_manifest(entries, split_df, metadata, image_shape, dtype, shard_size, attrs)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def shard_manifest(entries: list[dict], split_df: pd.DataFrame, metadata: Mapping[str, dict],
+                   image_shape: tuple[int, int], dtype: str, shard_size: int, attrs: Mapping) -> dict:
+    """Return the manifest: shards with counts, and per split its subjects, scans and slice count."""
+    splits = {}
+    for split in SPLITS:
+        rows = split_df[split_df["split"] == split]
+        scans = sorted(rows["scan"])
+        splits[split] = {
+            "n_slices": int(sum(metadata[scan]["shape"][0] for scan in scans)),
+            "n_scans": len(scans),
+            "subjects": sorted(set(rows["subject"])),
+            "validation_subjects": sorted(set(rows.loc[rows["validation"], "subject"])),
+        }
+    return {"shards": entries, "splits": splits, "image_shape": list(image_shape), "dtype": dtype,
+            "shard_size": shard_size, **{k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}}
+
+
+# -------------------------------------------------------------------------------------------- reader
+
+
+def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
+    """Return the ``{split}-NNN.h5`` shards of a shards folder, in order.
+
+    Raises:
+        ShardError: when ``split`` is unknown or the folder has no such shards.
+    """
+    if split not in SPLITS:
+        raise ShardError(f"unknown split {split!r}; use one of {SPLITS}")
+    paths = sorted(Path(shards_dir).glob(f"{split}-*.h5"))
+    if not paths:
+        raise ShardError(f"no {split}-*.h5 shards in {shards_dir}; run the write_shards rule")
+    return paths
+
+
+def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, int]:
+    """Return the one (H, W) shared by all files, or raise ShardSizeError naming them."""
+    distinct = {tuple(shape[1:]) for shape in shapes.values()}
+    if len(distinct) != 1:
+        by_size = {}
+        for path, shape in shapes.items():
+            by_size.setdefault(tuple(shape[1:]), []).append(str(path))
+        raise ShardSizeError(
+            "files disagree on image size: "
+            + "; ".join(f"{h}x{w}: {paths[:3]}" for (h, w), paths in sorted(by_size.items()))
+            + ". Re-run preprocessing with one preprocess.size so every file has the same size"
+        )
+    (size,) = distinct
+    return size
+
+
+def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, int]:
+    """Return the (H, W) image size shared by all shards.
+
+    Raises:
+        ShardSizeError: when the shards disagree.
+        ShardError: when ``paths`` is empty or a shard cannot be read.
+    """
+    shapes = {}
+    for path in map(Path, paths):
+        try:
+            with h5py.File(path, "r") as f:
+                shapes[path] = tuple(f["images"].shape)
+        except (OSError, KeyError) as error:
+            raise ShardError(f"cannot read images of shard {path}: {error}; re-run write_shards") from error
+    if not shapes:
+        raise ShardError("no shards given; run the write_shards rule")
+    return _common_image_shape(shapes)
+
+
+class ShardDataset:
+    """Slices of HDF5 shards as a map-style dataset for ``torch.utils.data.DataLoader``.
+
+    Each item is ``{"image": (1, H, W) float32 tensor, "scan": str, "participant": str,
+    "slice_index": int, "slice_position": float}`` plus ``"mask": (1, H, W) bool tensor`` with
+    ``with_masks``. ``index`` (a DataFrame: file, row, scan, participant, slice_index,
+    slice_position) describes the items in order; ``image_size`` is (H, W).
+
+    Safe with DataLoader workers: the index comes from the small metadata datasets, read and closed
+    in ``__init__``; image files are opened lazily, once per process, on first access.
+
+    Args:
+        shard_paths: shard files (e.g. ``shard_paths(shards_dir, "train")``).
+        subjects: keep only slices whose participant or scan is in this set (None keeps all).
+        with_masks: also return the brain mask.
+    """
+
+    def __init__(self, shard_paths: Sequence[str | Path], subjects: set[str] | None = None, with_masks: bool = False):
+        self.paths = [Path(p) for p in shard_paths]
+        if not self.paths:
+            raise ShardError("ShardDataset got no shard files; run the write_shards rule")
+        self.with_masks = with_masks
+        self.image_size = shard_image_size(self.paths)
+        frames = []
+        for k, path in enumerate(self.paths):
+            meta = read_slice_metadata(path)
+            frames.append(pd.DataFrame({
+                "file": k, "row": np.arange(meta["shape"][0]), "scan": meta["subject"],
+                "participant": meta["participant"], "slice_index": meta["slice_index"],
+                "slice_position": meta["slice_position"],
+            }))
+        index = pd.concat(frames, ignore_index=True)
+        if subjects is not None:
+            wanted = set(subjects)
+            index = index[index["participant"].isin(wanted) | index["scan"].isin(wanted)]
+        self.index = index.reset_index(drop=True)
+        # Plain arrays: DataFrame.iloc costs more per item than reading the image itself.
+        self._columns = {name: self.index[name].to_numpy() for name in self.index.columns}
+        self._handles: dict[int, tuple[h5py.File, h5py.Dataset, h5py.Dataset]] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _datasets(self, k: int) -> tuple[h5py.File, h5py.Dataset, h5py.Dataset]:
+        """Return (file, images, masks) of shard ``k``, opened once per process."""
+        # A handle inherited across fork is unsafe in HDF5: reopen in every new process.
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if k not in self._handles:
+            f = h5py.File(self.paths[k], "r")
+            self._handles[k] = (f, f["images"], f["masks"])
+        return self._handles[k]
+
+    def _read(self, dataset: h5py.Dataset, row: int) -> np.ndarray:
+        # read_direct into a fresh buffer skips h5py's fancy-indexing machinery (about 2x faster).
+        buffer = np.empty(self.image_size, dataset.dtype)
+        dataset.read_direct(buffer, np.s_[row])
+        return buffer
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        columns = self._columns
+        _, images, masks = self._datasets(int(columns["file"][i]))
+        row = int(columns["row"][i])
+        item = {
+            "image": torch.from_numpy(self._read(images, row).astype(np.float32))[None],
+            "scan": columns["scan"][i],
+            "participant": columns["participant"][i],
+            "slice_index": int(columns["slice_index"][i]),
+            "slice_position": float(columns["slice_position"][i]),
+        }
+        if self.with_masks:
+            item["mask"] = torch.from_numpy(self._read(masks, row).astype(bool))[None]
+        return item
+
+    def __getstate__(self) -> dict:
+        # Open handles cannot be pickled (spawned workers); each process opens its own.
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None
+        return state
+
+    def close(self) -> None:
+        """Close the files this process opened."""
+        if self._pid == os.getpid():
+            for handle, _, _ in self._handles.values():
+                handle.close()
+        self._handles = {}
+
+
+# ------------------------------------------------------------------------------------------ montages
+
+
+def read_scan_slices(path: str | Path) -> dict:
+    """Return a slices/{scan}.h5 file's images, masks, slice_index (ordered by slice) and excluded_reason."""
+    path = Path(path)
+    metadata = read_slice_metadata(path)
+    arrays = _ordered_scan_arrays(path, metadata)
+    with h5py.File(path, "r") as f:
+        arrays["excluded_reason"] = _as_str(f.attrs.get("excluded_reason", ""))
+    return arrays
+
+
+def _save_figure_atomic(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def qc_montage(images: np.ndarray, masks: np.ndarray | None, title: str, path: str | Path,
+               labels: Sequence | None = None, max_tiles: int = 64, tile_inches: float = 1.2) -> Path:
+    """Write a PNG grid of slices with the mask outline in red, each tile labelled.
+
+    Args:
+        images: ``(N, H, W)`` in [0, 1].
+        masks: ``(N, H, W)`` bool, or None for no outline.
+        title: figure title (the scan key).
+        path: output PNG.
+        labels: per-slice labels (slice indices); defaults to 0..N-1.
+        max_tiles: at most this many evenly spaced slices are shown, so large scans stay readable.
+        tile_inches: size of one tile.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.figure import Figure  # Figure alone renders with Agg: no global backend switch
+
+    path = Path(path)
+    n = len(images)
+    if n == 0:
+        return excluded_montage(title, "no slices kept", path)
+    labels = list(range(n)) if labels is None else list(labels)
+    shown = np.unique(np.linspace(0, n - 1, min(n, max_tiles)).round().astype(int))
+    cols = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(cols * tile_inches, rows * tile_inches + 0.4), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        ax.imshow(np.asarray(images[i], np.float32), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        if masks is not None and masks[i].any() and not masks[i].all():
+            ax.contour(np.asarray(masks[i], np.float32), levels=[0.5], colors="red", linewidths=0.5)
+        ax.set_title(f"z={labels[i]}", fontsize=6, pad=1)
+    fig.suptitle(f"{title}: {n} slices" + (f", {len(shown)} shown" if len(shown) < n else ""), fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (rows * tile_inches + 0.4), wspace=0.05,
+                        hspace=0.25)
+    _save_figure_atomic(fig, path)
+    return path
+
+
+def excluded_montage(title: str, reason: str, path: str | Path) -> Path:
+    """Write a small PNG saying that scan ``title`` was excluded and why; return ``path``."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(4, 1.5), dpi=100)
+    fig.text(0.5, 0.6, f"{title}: excluded", ha="center", va="center", fontsize=10, weight="bold")
+    fig.text(0.5, 0.3, reason, ha="center", va="center", fontsize=8, wrap=True)
+    _save_figure_atomic(fig, path)
+    return path
+
+
+def scan_montage(slices_file: str | Path, path: str | Path, title: str | None = None) -> Path:
+    """Write the QC montage of one slices/{scan}.h5 file (or the exclusion notice); return ``path``."""
+    slices_file = Path(slices_file)
+    title = title or slices_file.stem
+    stage, reason = slice_file_exclusion(slices_file)
+    if reason:
+        return excluded_montage(title, f"{stage}: {reason}", path)
+    arrays = read_scan_slices(slices_file)
+    return qc_montage(arrays["images"], arrays["masks"], title, path, labels=arrays["slice_index"])
