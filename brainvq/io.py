@@ -1,0 +1,653 @@
+"""Reading raw T1 volumes (validated at the boundary), discovering a dataset's scans, atomic writers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.orientations import aff2axcodes, axcodes2ornt
+
+log = logging.getLogger(__name__)
+
+# Scan keys become file stems and the {scan} wildcard; "_mask" is refused because
+# brain/{scan}_mask.nii.gz would otherwise also match brain/{scan}.nii.gz.
+SCAN_KEY_PATTERN = r"(?:(?!_mask)[A-Za-z0-9_-])+"
+SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation"]
+EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
+DISCOVERY_STAGE = "discover_subjects"
+
+IXI_NAME = re.compile(r"(IXI\d{3})-(?:Guys|HH|IOP)-\d{4}-T1\.nii\.gz")
+OASIS1_SESSION = re.compile(r"(OAS1_\d{4})_(MR\d)")
+OASIS2_SESSION = re.compile(r"(OAS2_\d{4})_(MR\d+)")
+# For each datasets.oasis1.image: (folder inside the session, glob of the file, conventional name suffix).
+OASIS1_IMAGES = {
+    "raw_mpr1": ("RAW", "*_mpr-1_anon.hdr", "_mpr-1_anon.hdr"),
+    "subj111": ("PROCESSED/MPRAGE/SUBJ_111", "*_sbj_111.hdr", "_mpr_n4_anon_sbj_111.hdr"),
+    "t88_masked": ("PROCESSED/MPRAGE/T88_111", "*_t88_masked_gfc.hdr", "_mpr_n4_anon_111_t88_masked_gfc.hdr"),
+}
+OASIS2_IMAGE = "RAW/mpr-1.nifti.hdr"
+
+
+class VolumeError(ValueError):
+    """Base class: a raw volume cannot be used. Subclasses name one failure kind each."""
+
+
+class VolumeNotFoundError(VolumeError, FileNotFoundError):
+    """The volume file does not exist."""
+
+
+class UnknownFormatError(VolumeError):
+    """The file is not NIfTI (.nii, .nii.gz) or Analyze/NIfTI pair (.hdr + .img)."""
+
+
+class MissingPairError(VolumeError):
+    """An .hdr without its .img (or an .img without its .hdr)."""
+
+
+class CorruptVolumeError(VolumeError):
+    """The file cannot be read: truncated, not an image, or a header with invalid voxel sizes."""
+
+
+class VolumeShapeError(VolumeError):
+    """The image is not a single 3D volume (2D, a single slice, or 4D with several volumes)."""
+
+
+class NonFiniteVolumeError(VolumeError):
+    """The volume contains NaN or infinite voxels."""
+
+
+class EmptyVolumeError(VolumeError):
+    """Every voxel is zero."""
+
+
+class MissingOrientationError(VolumeError):
+    """The header carries no orientation (Analyze, or NIfTI with qform_code = sform_code = 0) and none was given."""
+
+
+class InvalidOrientationError(VolumeError):
+    """The given voxel orientation is not three distinct axis codes such as 'LAS'."""
+
+
+class DiscoveryError(ValueError):
+    """Base class: the raw folder does not hold a usable set of scans."""
+
+
+class NoVolumesFoundError(DiscoveryError):
+    """The raw folder is missing or holds no volume in the expected layout (or every volume was rejected)."""
+
+
+class DuplicateScanError(DiscoveryError):
+    """Two files map to the same scan key."""
+
+
+class ScanKeyError(DiscoveryError):
+    """dataset.subject_regex does not match a file name, or gives a key that cannot be a file stem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading one volume
+# ----------------------------------------------------------------------------------------------
+
+
+def volume_kind(path: Path) -> str:
+    """Return 'nifti' for .nii/.nii.gz, 'pair' for .hdr/.img.
+
+    Raises:
+        UnknownFormatError: for any other file name.
+    """
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".hdr", ".img")):
+        return "pair"
+    raise UnknownFormatError(
+        f"{path}: unknown volume format; convert it to NIfTI (.nii/.nii.gz) or Analyze (.hdr + .img), "
+        "or move it out of the raw folder"
+    )
+
+
+def pair_paths(path: Path) -> tuple[Path, Path]:
+    """Return the (.hdr, .img) paths of an Analyze/NIfTI pair named by either of its files (same case)."""
+    if path.suffix.isupper():
+        return path.with_suffix(".HDR"), path.with_suffix(".IMG")
+    return path.with_suffix(".hdr"), path.with_suffix(".img")
+
+
+def validated_axcodes(orientation: str, path: Path) -> tuple[str, str, str]:
+    """Return ``orientation`` (e.g. 'LAS') as three axis codes, one per world axis.
+
+    Raises:
+        InvalidOrientationError: naming the file and the allowed codes.
+    """
+    codes = tuple(str(orientation).upper())
+    pairs = [{"L", "R"}, {"P", "A"}, {"I", "S"}]
+    used = sorted(i for code in codes for i, pair in enumerate(pairs) if code in pair)
+    if len(codes) != 3 or used != [0, 1, 2]:
+        raise InvalidOrientationError(
+            f"{path}: orientation {orientation!r} is not three axis codes, one of L/R, A/P and S/I each "
+            "(e.g. 'LAS', 'ASL'); fix dataset.analyze_orientation or datasets.<dataset>.orientation"
+        )
+    return codes  # type: ignore[return-value]
+
+
+def affine_from_axcodes(axcodes: tuple[str, str, str], zooms, shape) -> np.ndarray:
+    """Return a voxel-to-RAS affine whose voxel axes point along ``axcodes``, centred on the volume.
+
+    Args:
+        axcodes: the world direction each voxel axis increases towards, e.g. ('A', 'S', 'L').
+        zooms: voxel sizes in mm along the three voxel axes.
+        shape: the three voxel dimensions.
+
+    Returns:
+        4x4 affine; the origin is the volume centre, since the header's origin is not trusted.
+    """
+    ornt = axcodes2ornt(axcodes)
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1.0
+    for voxel_axis, (world_axis, direction) in enumerate(ornt):
+        affine[int(world_axis), voxel_axis] = direction * float(zooms[voxel_axis])
+    centre = (np.asarray(shape[:3], float) - 1) / 2
+    affine[:3, 3] = -affine[:3, :3] @ centre
+    assert aff2axcodes(affine) == tuple(axcodes)
+    return affine
+
+
+def has_header_orientation(img) -> bool:
+    """Return whether ``img`` is NIfTI with a usable sform or qform (code > 0)."""
+    if not isinstance(img, nib.Nifti1Pair):
+        return False
+    return int(img.header["sform_code"]) > 0 or int(img.header["qform_code"]) > 0
+
+
+def read_image(path: Path):
+    """Return the nibabel image at ``path`` (header parsed, data not yet read).
+
+    Raises:
+        VolumeNotFoundError, UnknownFormatError, MissingPairError, CorruptVolumeError.
+    """
+    kind = volume_kind(path)
+    if kind == "pair":
+        hdr, img = pair_paths(path)
+        for present, absent in ((hdr, img), (img, hdr)):
+            if present.exists() and not absent.exists():
+                raise MissingPairError(
+                    f"{present} has no matching {absent.name}; Analyze/NIfTI pairs need both files side by side. "
+                    "Copy the missing file next to it, or remove the incomplete pair"
+                )
+        path = hdr
+    if not path.exists():
+        raise VolumeNotFoundError(f"volume {path} does not exist; check the raw folder and the dataset settings")
+    try:
+        # mmap=False: read the file, so a truncated one fails here rather than at some later access.
+        return nib.load(str(path), mmap=False)
+    except Exception as error:
+        raise CorruptVolumeError(
+            f"{path} cannot be read as an image ({type(error).__name__}: {error}); "
+            "re-download or re-extract it, or remove it from the raw folder"
+        ) from error
+
+
+def read_voxels(img, path: Path) -> np.ndarray:
+    """Return the voxels of ``img`` as one 3D float32 array, forcing a full read.
+
+    Raises:
+        CorruptVolumeError: truncated or undecodable data.
+        VolumeShapeError: 2D, a single slice, or several volumes.
+    """
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise CorruptVolumeError(
+            f"{path}: the voxel data cannot be read ({type(error).__name__}: {error}); the file is probably "
+            "truncated. Re-download or re-extract it, or remove it from the raw folder"
+        ) from error
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise VolumeShapeError(
+            f"{path} has shape {data.shape}; expected one 3D volume. Extract a single 3D T1 volume "
+            "(e.g. the first of a 4D series) into its own file"
+        )
+    if min(data.shape) < 2:
+        raise VolumeShapeError(
+            f"{path} has shape {data.shape}, a single slice rather than a volume; use the full 3D acquisition"
+        )
+    return data
+
+
+def checked_voxels(data: np.ndarray, path: Path) -> np.ndarray:
+    """Return ``data`` after checking it is finite and not all zero.
+
+    Raises:
+        NonFiniteVolumeError, EmptyVolumeError.
+    """
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise NonFiniteVolumeError(
+            f"{path} has {int((~finite).sum())} NaN/infinite voxels; fix or re-export the volume "
+            "(or remove it from the raw folder)"
+        )
+    if not data.any():
+        raise EmptyVolumeError(f"{path} is all zeros; re-export the volume or remove it from the raw folder")
+    return data
+
+
+def volume_affine(img, path: Path, orientation: str | None, shape) -> np.ndarray:
+    """Return the voxel-to-world affine: the NIfTI sform/qform, else one built from ``orientation``.
+
+    Raises:
+        MissingOrientationError: no header orientation and no ``orientation``.
+        CorruptVolumeError: voxel sizes that are not positive.
+    """
+    if has_header_orientation(img):
+        return img.affine
+    if not orientation:
+        raise MissingOrientationError(
+            f"{path} carries no usable orientation (Analyze header, or NIfTI with qform_code = sform_code = 0); "
+            "pass its voxel axis codes, e.g. 'LAS' or 'ASL': set dataset.analyze_orientation "
+            "(source: local) or datasets.<dataset>.orientation"
+        )
+    zooms = np.asarray(img.header.get_zooms()[:3], float)
+    if zooms.size != 3 or not (np.isfinite(zooms).all() and (zooms > 0).all()):
+        raise CorruptVolumeError(
+            f"{path}: header voxel sizes {tuple(zooms)} are not positive; fix pixdim in the header"
+        )
+    return affine_from_axcodes(validated_axcodes(orientation, path), zooms, shape)
+
+
+def load_volume(path: str | Path, orientation: str | None = None) -> nib.Nifti1Image:
+    """Return a raw volume, fully read and validated, as a float32 NIfTI image.
+
+    Args:
+        path: a .nii, .nii.gz, or .hdr/.img (Analyze or NIfTI pair) file.
+        orientation: voxel axis codes (e.g. 'ASL') to impose when the header has no usable
+            orientation (Analyze; NIfTI with qform_code = sform_code = 0). NIfTI with an sform
+            or qform uses its own, and ``orientation`` is then ignored.
+
+    Returns:
+        A Nifti1Image with 3D float32 data (a 4D file with one volume is squeezed) and the
+        affine described above (sform and qform code 1).
+
+    Raises:
+        VolumeError: one subclass per failure kind, naming the file and the fix.
+    """
+    path = Path(path)
+    img = read_image(path)
+    data = checked_voxels(read_voxels(img, path), path)
+    affine = volume_affine(img, path, orientation, data.shape)
+    out = nib.Nifti1Image(data, affine)
+    out.set_sform(affine, code=1)
+    out.set_qform(affine, code=1)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+def header_describes_orientation(path: Path) -> bool:
+    """Return whether the file at ``path`` is NIfTI with a usable sform/qform (False if unreadable)."""
+    try:
+        return has_header_orientation(nib.load(str(path)))
+    except Exception:
+        return False
+
+
+def header_format(path: Path) -> str:
+    """Return 'nifti' for NIfTI files and pairs, 'analyze' for other .hdr/.img (or unreadable pairs)."""
+    if volume_kind(path) == "nifti":
+        return "nifti"
+    try:
+        return "nifti" if isinstance(nib.load(str(pair_paths(path)[0])), nib.Nifti1Pair) else "analyze"
+    except Exception:
+        return "analyze"
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+
+
+def scan_row(scan: str, subject: str, session: str, path: Path, orientation: str | None) -> dict:
+    """Return one subjects.tsv row; ``orientation`` is kept only where the header lacks one."""
+    fmt = header_format(path) if path.exists() else ("nifti" if volume_kind(path) == "nifti" else "analyze")
+    needs_orientation = not (path.exists() and header_describes_orientation(path))
+    return {
+        "scan": scan,
+        "subject": subject,
+        "session": session,
+        "path": str(path),
+        "format": fmt,
+        "orientation": (orientation or "") if needs_orientation else "",
+    }
+
+
+def visible_files(root: Path):
+    """Yield the files under ``root``, recursively, skipping hidden files and folders."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+def session_folders(root: Path, pattern: re.Pattern) -> list[Path]:
+    """Return the folders under ``root`` (at any depth, e.g. inside disc folders) whose name matches."""
+    found = []
+    for folder, dirs, _ in os.walk(root):
+        for name in sorted(dirs):
+            if pattern.fullmatch(name):
+                found.append(Path(folder) / name)
+        # A session folder never holds another session: no need to walk into it.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not pattern.fullmatch(d))
+    return sorted(found, key=lambda p: p.name)
+
+
+def ixi_rows(raw_root: Path) -> list[dict]:
+    """Return rows for IXI T1 files anywhere under ``raw_root``; scan = subject = 'IXI###'."""
+    rows = []
+    for path in visible_files(raw_root):
+        match = IXI_NAME.fullmatch(path.name)
+        if match:
+            rows.append(scan_row(match.group(1), match.group(1), "", path, None))
+    return rows
+
+
+def oasis1_image_path(session_dir: Path, image: str) -> Path:
+    """Return the selected image of an OASIS-1 session (its conventional name when none is there)."""
+    folder, pattern, suffix = OASIS1_IMAGES[image]
+    matches = sorted((session_dir / folder).glob(pattern))
+    return matches[0] if matches else session_dir / folder / f"{session_dir.name}{suffix}"
+
+
+def oasis1_rows(raw_root: Path, image: str, orientation: str, include_mr2: bool) -> list[dict]:
+    """Return rows for OASIS-1 sessions; MR2 (same-day rescans) only with ``include_mr2``."""
+    rows = []
+    for session_dir in session_folders(raw_root, OASIS1_SESSION):
+        subject, session = OASIS1_SESSION.fullmatch(session_dir.name).groups()
+        if session != "MR1" and not include_mr2:
+            continue
+        path = oasis1_image_path(session_dir, image)
+        rows.append(scan_row(session_dir.name, subject, session, path, orientation))
+    return rows
+
+
+def oasis2_rows(raw_root: Path, sessions: str, orientation: str) -> list[dict]:
+    """Return rows for OASIS-2 visits; ``sessions='baseline'`` keeps each subject's first visit."""
+    visits = {}
+    for session_dir in session_folders(raw_root, OASIS2_SESSION):
+        subject, session = OASIS2_SESSION.fullmatch(session_dir.name).groups()
+        visits.setdefault(subject, []).append((int(session[2:]), session, session_dir))
+    rows = []
+    for subject, found in sorted(visits.items()):
+        found.sort()
+        for _, session, session_dir in found[:1] if sessions == "baseline" else found:
+            path = session_dir / OASIS2_IMAGE
+            rows.append(scan_row(session_dir.name, subject, session, path, orientation))
+    return rows
+
+
+def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
+    """Return (scan, subject, session) of a local file from ``dataset.subject_regex``.
+
+    Raises:
+        ScanKeyError: the regex does not match, or gives a key that cannot be a file stem.
+    """
+    match = regex.match(path.name)
+    if not match or not match.groupdict().get("subject"):
+        raise ScanKeyError(
+            f"dataset.subject_regex {regex.pattern!r} does not match the file name of {path} "
+            "(it needs a named group 'subject'); adjust the regex or rename/remove the file"
+        )
+    subject, session = match.group("subject"), match.groupdict().get("session") or ""
+    scan = f"{subject}_{session}" if session else subject
+    if not re.fullmatch(SCAN_KEY_PATTERN, scan):
+        raise ScanKeyError(
+            f"{path}: scan key {scan!r} from dataset.subject_regex may use only letters, digits, '_' and '-' "
+            "(and not contain '_mask'); adjust the regex or rename the file"
+        )
+    return scan, subject, session
+
+
+def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | None) -> list[dict]:
+    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root``, keyed by ``subject_regex``.
+
+    Raises:
+        MissingOrientationError: Analyze files are present but ``analyze_orientation`` is not set.
+    """
+    regex = re.compile(subject_regex)
+    rows = []
+    for path in visible_files(raw_root):
+        name = path.name.lower()
+        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
+            continue
+        # A pair is found through its .hdr; a lone .img still becomes a row so its missing .hdr is reported.
+        if name.endswith(".img") and pair_paths(path)[0].exists():
+            continue
+        scan, subject, session = local_scan_key(path, regex)
+        row = scan_row(scan, subject, session, path, analyze_orientation)
+        if name.endswith(".hdr") and row["format"] == "analyze" and not analyze_orientation:
+            raise MissingOrientationError(
+                f"{path} is Analyze, whose header carries no orientation; set dataset.analyze_orientation "
+                "to the voxel axis codes of your Analyze files (e.g. LAS), or convert them to NIfTI"
+            )
+        rows.append(row)
+    return rows
+
+
+def layout_rows(source: str, raw_root: Path, config: dict) -> list[dict]:
+    """Return the candidate rows of ``source``'s folder layout (files not yet validated)."""
+    datasets = config["datasets"]
+    oasis1 = datasets["oasis1"]
+    if source == "demo":
+        # The demo cohort mimics IXI NIfTI and OASIS-1 RAW Analyze files.
+        return ixi_rows(raw_root) + oasis1_rows(
+            raw_root, "raw_mpr1", oasis1["orientation"]["raw_mpr1"], oasis1["include_mr2"]
+        )
+    if source == "ixi":
+        return ixi_rows(raw_root)
+    if source == "oasis1":
+        image = oasis1["image"]
+        return oasis1_rows(raw_root, image, oasis1["orientation"][image], oasis1["include_mr2"])
+    if source == "oasis2":
+        return oasis2_rows(raw_root, datasets["oasis2"]["sessions"], datasets["oasis2"]["orientation"])
+    if source == "local":
+        dataset = config["dataset"]
+        return local_rows(raw_root, dataset["subject_regex"], dataset["analyze_orientation"])
+    raise DiscoveryError(f"unknown dataset.source {source!r}; use one of demo, ixi, oasis1, oasis2, local")
+
+
+def expected_layout(source: str) -> str:
+    """Return a one-line description of ``source``'s file layout, for error messages."""
+    return {
+        "demo": "IXI###-<site>-####-T1.nii.gz files and OAS1_####_MR1/RAW/*_mpr-1_anon.hdr (run the demo_cohort rule)",
+        "ixi": "IXI###-{Guys,HH,IOP}-####-T1.nii.gz files",
+        "oasis1": "OAS1_####_MR# session folders (possibly inside disc folders)",
+        "oasis2": "OAS2_####_MR#/RAW/mpr-1.nifti.hdr session folders",
+        "local": ".nii, .nii.gz or .hdr/.img files (at any depth)",
+    }.get(source, "volumes")
+
+
+def find_scans(source: str, raw_root: str | Path, config: dict) -> pd.DataFrame:
+    """Return the candidate scans of ``raw_root`` in ``source``'s layout, without reading voxel data.
+
+    Args:
+        source: ``dataset.source`` (demo, ixi, oasis1, oasis2, local).
+        raw_root: the folder holding the raw volumes.
+        config: the validated config (``dataset``, ``datasets`` sections are used).
+
+    Returns:
+        A DataFrame with SCANS_COLUMNS, sorted by scan.
+
+    Raises:
+        NoVolumesFoundError: the folder is missing or holds nothing in the layout.
+        DuplicateScanError: two files map to one scan key (both are named).
+        ScanKeyError, MissingOrientationError: for the local layout, see ``local_rows``.
+    """
+    if raw_root is None:
+        raise NoVolumesFoundError("no raw folder is set; with dataset.source: local set dataset.local_dir")
+    raw_root = Path(raw_root)
+    if not raw_root.is_dir():
+        raise NoVolumesFoundError(f"raw folder {raw_root} does not exist; check dataset.source / dataset.local_dir")
+    rows = layout_rows(source, raw_root, config)
+    if not rows:
+        raise NoVolumesFoundError(
+            f"{raw_root} holds no volumes for dataset.source={source}: expected {expected_layout(source)}"
+        )
+    seen = {}
+    for row in rows:
+        if row["scan"] in seen:
+            raise DuplicateScanError(
+                f"scan key {row['scan']!r} comes from two files: {seen[row['scan']]} and {row['path']}; "
+                "remove one, or (source: local) change dataset.subject_regex so their keys differ"
+            )
+        seen[row["scan"]] = row["path"]
+    return pd.DataFrame(rows, columns=SCANS_COLUMNS).sort_values("scan", ignore_index=True)
+
+
+def volume_problem(row: dict) -> VolumeError | None:
+    """Return the VolumeError that loading ``row``'s volume raises, or None when it loads."""
+    try:
+        load_volume(row["path"], row["orientation"] or None)
+    except VolumeError as error:
+        return error
+    return None
+
+
+def validate_scans(scans: pd.DataFrame, on_error: str, threads: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (kept, excluded) after fully loading every scan's volume in a thread pool.
+
+    Args:
+        scans: rows from ``find_scans``.
+        on_error: 'fail' raises the first problem (in scan order); 'skip' leaves the scan out.
+        threads: loader threads (gzip decompression releases the GIL).
+
+    Returns:
+        kept scans (SCANS_COLUMNS) and excluded rows (EXCLUDED_COLUMNS).
+
+    Raises:
+        VolumeError: with on_error 'fail', the first problem.
+    """
+    records = scans.to_dict("records")
+    with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
+        problems = list(pool.map(volume_problem, records))
+    excluded = []
+    for row, problem in zip(records, problems):
+        if problem is None:
+            continue
+        if on_error == "fail":
+            raise problem
+        log.warning("skipping %s: %s", row["scan"], problem)
+        excluded.append({"scan": row["scan"], "path": row["path"], "stage": DISCOVERY_STAGE,
+                         "reason": f"{type(problem).__name__}: {problem}"})
+    kept = scans[[p is None for p in problems]].reset_index(drop=True)
+    return kept, pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
+
+
+def discover_scans_with_exclusions(
+    source: str, raw_root: str | Path, config: dict, threads: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (scans, excluded): the validated scans of ``raw_root`` and the rejected inputs.
+
+    Args:
+        source: ``dataset.source``.
+        raw_root: the folder holding the raw volumes.
+        config: the validated config; ``preprocess.on_error`` decides fail or skip.
+        threads: loader threads.
+
+    Returns:
+        scans with SCANS_COLUMNS (subjects.tsv) and excluded with EXCLUDED_COLUMNS.
+
+    Raises:
+        DiscoveryError: layout problems (see ``find_scans``), or every volume rejected.
+        VolumeError: a bad volume, with on_error 'fail'.
+    """
+    candidates = find_scans(source, raw_root, config)
+    scans, excluded = validate_scans(candidates, config["preprocess"]["on_error"], threads)
+    if scans.empty:
+        reasons = "; ".join(excluded["reason"].head(3))
+        raise NoVolumesFoundError(f"all {len(candidates)} volumes under {raw_root} were rejected, e.g. {reasons}")
+    return scans, excluded
+
+
+def discover_scans(source: str, raw_root: str | Path, config: dict, threads: int = 1) -> pd.DataFrame:
+    """Return the validated scans of ``raw_root`` (subjects.tsv columns); see ``discover_scans_with_exclusions``."""
+    return discover_scans_with_exclusions(source, raw_root, config, threads)[0]
+
+
+def read_scans_table(path: str | Path) -> pd.DataFrame:
+    """Return a subjects.tsv as strings (empty session/orientation stay '')."""
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writers: a temporary name, then os.replace, so a killed job never leaves a complete-looking file
+# ----------------------------------------------------------------------------------------------
+
+
+def temporary_sibling(path: Path, suffix: str = "") -> Path:
+    """Return a hidden temporary path next to ``path`` (``suffix`` keeps an extension readers need)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def save_volume_atomic(img, path: str | Path) -> None:
+    """Write a NIfTI image to ``path`` (.nii or .nii.gz) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    tmp = temporary_sibling(path, suffix)
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_table_atomic(table: pd.DataFrame, path: str | Path, sep: str = ",") -> None:
+    """Write ``table`` as CSV/TSV to ``path`` atomically (no index)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    table.to_csv(tmp, sep=sep, index=False)
+    os.replace(tmp, path)
+
+
+def write_slices_h5(
+    path: str | Path,
+    images: np.ndarray,
+    masks: np.ndarray,
+    scans,
+    participants,
+    slice_index,
+    slice_position,
+    attrs: dict,
+) -> None:
+    """Write slices in the shard layout of docs/architecture.md, atomically.
+
+    Args:
+        path: the .h5 file to write.
+        images: (N, H, W) float16/float32 in [0, 1] (stored with this dtype).
+        masks: (N, H, W) bool.
+        scans: N scan keys (dataset ``subject``); participants: N subjects (dataset ``participant``).
+        slice_index: N axial indices; slice_position: N positions in [0, 1].
+        attrs: file attributes (spacing_mm, size, source, config_hash, split, excluded_reason...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, h, w = images.shape
+    tmp = temporary_sibling(path)
+    # maxshape lets an excluded scan (N = 0) keep the (1, H, W) chunking of the contract.
+    chunked = dict(chunks=(1, h, w), maxshape=(None, h, w), compression="gzip")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images, **chunked)
+        f.create_dataset("masks", data=np.asarray(masks, bool), **chunked)
+        strings = h5py.string_dtype()
+        f.create_dataset("subject", data=np.array(list(scans), dtype=object), dtype=strings, maxshape=(None,))
+        f.create_dataset(
+            "participant", data=np.array(list(participants), dtype=object), dtype=strings, maxshape=(None,)
+        )
+        f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32), maxshape=(None,))
+        f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32), maxshape=(None,))
+        f.attrs.update(attrs)
+    os.replace(tmp, path)

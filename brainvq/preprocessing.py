@@ -1,0 +1,345 @@
+"""Per-scan preprocessing: RAS + isotropic resampling, skull stripping, N4, axial slice selection and normalisation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from io import StringIO
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import aff2axcodes
+from nibabel.processing import resample_to_output
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from skimage.transform import resize
+
+log = logging.getLogger(__name__)
+
+RAS = ("R", "A", "S")
+# The N4 fit runs on a 4x shrunk volume (the bias field is smooth); the field is then evaluated at full resolution.
+N4_SHRINK_FACTOR = 4
+SKULL_STRIP_METHODS = ("none", "bet", "precomputed")
+
+
+class EmptyMaskError(ValueError):
+    """Skull stripping (or a given mask) left no foreground voxel."""
+
+
+class PreprocessingError(ValueError):
+    """A preprocessing setting is invalid (unknown method or slice selection mode)."""
+
+
+def float32_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """Return a float32 NIfTI image with sform and qform set to ``affine`` (code 1, mm)."""
+    img = nib.Nifti1Image(np.asarray(data, np.float32), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def reorient_to_ras(img) -> nib.Nifti1Image:
+    """Return ``img`` with its voxel axes permuted/flipped to the closest RAS+ orientation (no resampling)."""
+    canonical = nib.as_closest_canonical(img)
+    assert aff2axcodes(canonical.affine) == RAS, aff2axcodes(canonical.affine)
+    return canonical
+
+
+def resample_isotropic(img, spacing_mm: float) -> nib.Nifti1Image:
+    """Return ``img`` resampled onto a RAS-aligned grid of ``spacing_mm`` isotropic voxels.
+
+    Oblique affines (e.g. IXI) are resampled onto axis-aligned voxels covering the whole
+    input. Trilinear interpolation: it never overshoots, so intensities stay non-negative.
+
+    Returns:
+        float32 image with a diagonal RAS+ affine and zooms ``(spacing_mm,) * 3``.
+    """
+    resampled = resample_to_output(img, voxel_sizes=(spacing_mm,) * 3, order=1, mode="constant", cval=0.0)
+    assert aff2axcodes(resampled.affine) == RAS, aff2axcodes(resampled.affine)
+    return float32_image(resampled.get_fdata(dtype=np.float32), resampled.affine)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Return the largest 26-connected component of a boolean mask (empty stays empty)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def head_foreground_mask(data: np.ndarray) -> np.ndarray:
+    """Return the head foreground: Otsu threshold, holes filled, largest component.
+
+    Axial slices are filled first, so dark skull and CSF inside the scalp ring count as head even
+    where the head is open at the neck (where a 3D fill cannot reach).
+    """
+    foreground = data > threshold_otsu(data)
+    for k in range(foreground.shape[2]):
+        foreground[:, :, k] = ndimage.binary_fill_holes(foreground[:, :, k])
+    return ndimage.binary_fill_holes(largest_component(foreground))
+
+
+def mask_from_surface(surface, shape) -> np.ndarray:
+    """Return the voxels inside a closed trimesh surface given in voxel coordinates."""
+    filled = surface.voxelized(pitch=1.0).fill()
+    points = np.rint(filled.points).astype(np.int64)
+    inside = np.all((points >= 0) & (points < np.asarray(shape)), axis=1)
+    mask = np.zeros(shape, bool)
+    mask[tuple(points[inside].T)] = True
+    return mask
+
+
+def bet_brain_mask(img, fractional_threshold: float | None = None, iterations: int | None = None) -> np.ndarray:
+    """Return a BET brain mask from the ``brainextractor`` package (a Python port of FSL BET).
+
+    Args:
+        img: isotropic volume (BET's distances are in voxels of the first axis).
+        fractional_threshold: BET's ``bt``; None keeps brainextractor's own default.
+        iterations: surface deformation steps; None keeps brainextractor's own default.
+    """
+    from brainextractor import BrainExtractor  # numba compile on first import: only pay it when asked
+
+    options = {} if fractional_threshold is None else {"bt": float(fractional_threshold)}
+    steps = {} if iterations is None else {"iterations": int(iterations)}
+    chatter = StringIO()
+    # brainextractor prints progress (one line per iteration) to stdout; keep only the summary lines.
+    with contextlib.redirect_stdout(chatter):
+        extractor = BrainExtractor(img, **options)
+        extractor.run(**steps)
+    for line in chatter.getvalue().splitlines():
+        if line.strip() and not line.startswith("Iteration"):
+            log.info("bet: %s", line.strip())
+    return mask_from_surface(extractor.surface, img.shape[:3])
+
+
+def skull_strip(
+    img,
+    method: str,
+    bet_fractional_threshold: float | None = None,
+    bet_iterations: int | None = None,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """Return (brain, mask) images of an isotropic RAS volume.
+
+    Args:
+        img: isotropic RAS volume (the output of ``resample_isotropic``).
+        method: 'bet' (brainextractor), 'none' (the head, with a head-foreground mask), or
+            'precomputed' (an already skull-stripped volume: mask = voxels > 0).
+        bet_fractional_threshold, bet_iterations: for 'bet'; None keeps brainextractor's defaults.
+
+    Returns:
+        brain: float32, zero outside the mask; mask: uint8 (1 inside), same grid as ``img``.
+
+    Raises:
+        EmptyMaskError: the mask has no voxel.
+        PreprocessingError: unknown method.
+    """
+    data = img.get_fdata(dtype=np.float32)
+    if method == "none":
+        mask = head_foreground_mask(data)
+    elif method == "precomputed":
+        mask = data > 0
+    elif method == "bet":
+        mask = bet_brain_mask(img, bet_fractional_threshold, bet_iterations)
+    else:
+        raise PreprocessingError(f"unknown skull_strip method {method!r}; use one of {', '.join(SKULL_STRIP_METHODS)}")
+    if not mask.any():
+        raise EmptyMaskError(
+            f"skull_strip={method} found no foreground voxel; check the volume, or try preprocess.skull_strip: none"
+        )
+    brain = np.where(mask, data, 0).astype(np.float32)
+    return float32_image(brain, img.affine), mask_image(mask, img.affine)
+
+
+def mask_image(mask: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """Return a uint8 NIfTI mask image."""
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    return img
+
+
+def n4_bias_correct(img, mask) -> nib.Nifti1Image:
+    """Return ``img`` divided by the N4 bias field fitted inside ``mask`` (SimpleITK).
+
+    The fit runs on the volume shrunk by N4_SHRINK_FACTOR; the log bias field is then evaluated on
+    the full-resolution grid, so the correction itself is not blurred.
+
+    Args:
+        img: 3D volume (non-negative intensities).
+        mask: mask image or boolean array on the same grid.
+
+    Returns:
+        float32 image on the same grid and affine.
+
+    Raises:
+        EmptyMaskError: the mask has no voxel.
+    """
+    import SimpleITK as sitk
+
+    mask_data = np.asarray(mask.dataobj if hasattr(mask, "dataobj") else mask) > 0
+    if not mask_data.any():
+        raise EmptyMaskError("n4_bias_correct got an empty mask; skull stripping found no foreground")
+    data = img.get_fdata(dtype=np.float32)
+    # SimpleITK indexes (x, y, z) in reverse numpy order; only spacing matters for the fit.
+    image = sitk.GetImageFromArray(np.maximum(data, 0).T.copy())
+    image.SetSpacing([float(z) for z in img.header.get_zooms()[:3]])
+    sitk_mask = sitk.GetImageFromArray(mask_data.T.astype(np.uint8).copy())
+    sitk_mask.CopyInformation(image)
+    factors = [N4_SHRINK_FACTOR] * 3
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.Execute(sitk.Shrink(image, factors), sitk.Shrink(sitk_mask, factors))
+    log_bias = sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)).T
+    return float32_image(data / np.exp(log_bias), img.affine)
+
+
+def axial_areas(mask: np.ndarray) -> np.ndarray:
+    """Return the mask's voxel count in each axial slice (third axis of a RAS volume)."""
+    return np.asarray(mask, bool).sum(axis=(0, 1))
+
+
+def axial_extent(mask: np.ndarray) -> tuple[int, int]:
+    """Return (k_min, k_max): the first and last axial slices holding any mask voxel.
+
+    Raises:
+        EmptyMaskError: the mask is empty.
+    """
+    occupied = np.flatnonzero(axial_areas(mask))
+    if occupied.size == 0:
+        raise EmptyMaskError("the mask is empty: no axial slice holds brain (or head)")
+    return int(occupied[0]), int(occupied[-1])
+
+
+def select_axial_slices(mask: np.ndarray, mode: str, min_brain_fraction: float, slice_range) -> np.ndarray:
+    """Return the axial indices to keep.
+
+    Args:
+        mask: 3D boolean mask of a RAS volume; axial = third axis.
+        mode: 'brain_fraction' keeps slices whose mask area is at least ``min_brain_fraction`` of
+            the largest slice's; 'range' keeps ``slice_range = [first, last)`` within the mask's
+            axial extent (so every kept slice has a position in [0, 1]).
+        min_brain_fraction: see ``mode``.
+        slice_range: see ``mode``.
+
+    Returns:
+        Sorted int array (possibly empty).
+
+    Raises:
+        EmptyMaskError, PreprocessingError.
+    """
+    areas = axial_areas(mask)
+    k_min, k_max = axial_extent(mask)
+    if mode == "brain_fraction":
+        return np.flatnonzero(areas >= min_brain_fraction * areas.max()).astype(np.int64)
+    if mode == "range":
+        first, last = int(slice_range[0]), int(slice_range[1])
+        return np.arange(max(first, k_min), min(last, k_max + 1), dtype=np.int64)
+    raise PreprocessingError(f"unknown slice_selection {mode!r}; use brain_fraction or range")
+
+
+def slice_positions(mask: np.ndarray, indices) -> np.ndarray:
+    """Return ``(k - k_min) / (k_max - k_min)`` over the mask's axial extent (0 when it is one slice)."""
+    k_min, k_max = axial_extent(mask)
+    span = max(k_max - k_min, 1)
+    return ((np.asarray(indices, float) - k_min) / span).astype(np.float32)
+
+
+def intensity_window(volume: np.ndarray, mask: np.ndarray, clip_percentiles) -> tuple[float, float]:
+    """Return the (low, high) intensities at ``clip_percentiles`` of the foreground voxels."""
+    low, high = np.percentile(volume[np.asarray(mask, bool)], list(clip_percentiles))
+    return float(low), float(high)
+
+
+def square_padded(stack: np.ndarray) -> np.ndarray:
+    """Return (N, H, W) zero-padded, centred, to (N, S, S) with S = max(H, W)."""
+    _, h, w = stack.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return np.pad(stack, ((0, 0), (top, side - h - top), (left, side - w - left)))
+
+
+def axial_stack(volume: np.ndarray, indices) -> np.ndarray:
+    """Return axial slices as (N, A, R) images: rows run anterior to posterior, columns left to right."""
+    if len(indices) == 0:
+        return np.zeros((0, volume.shape[1], volume.shape[0]), volume.dtype)
+    # volume[:, :, k] is (x=R, y=A); rot90 puts anterior at the top and the subject's left on the left.
+    return np.stack([np.rot90(volume[:, :, k]) for k in indices])
+
+
+def normalised_slices(
+    volume: np.ndarray, mask: np.ndarray, indices, clip_percentiles, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (images, masks, positions) of the selected axial slices, ready for the shards.
+
+    Intensities are clipped at the foreground's ``clip_percentiles`` over the whole volume
+    (one window per subject), scaled to [0, 1] and set to 0 outside the mask; slices are padded
+    to a square (centred) and resized to ``size`` with anti-aliasing.
+
+    Args:
+        volume: 3D RAS volume; mask: 3D boolean mask on the same grid.
+        indices: axial indices (from ``select_axial_slices``).
+        clip_percentiles: (low, high) percentiles of the mask's voxels.
+        size: output side in pixels.
+
+    Returns:
+        images (N, size, size) float32 in [0, 1]; masks (N, size, size) bool;
+        positions (N,) float32 in [0, 1] over the mask's axial extent.
+
+    Raises:
+        EmptyMaskError: the mask is empty.
+    """
+    mask = np.asarray(mask, bool)
+    positions = slice_positions(mask, indices)
+    low, high = intensity_window(volume, mask, clip_percentiles)
+    # A flat foreground would divide by zero; it maps to 0 instead.
+    scaled = (np.clip(volume, low, high) - low) / max(high - low, np.finfo(np.float32).eps)
+    scaled = np.where(mask, scaled, 0.0).astype(np.float32)
+    images = square_padded(axial_stack(scaled, indices))
+    masks = square_padded(axial_stack(mask.astype(np.float32), indices))
+    n = images.shape[0]
+    if n == 0:
+        return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), bool), positions
+    # Axis 0 keeps its length, so resize's anti-aliasing sigma is 0 there: slices stay independent.
+    images = resize(images, (n, size, size), order=1, anti_aliasing=True, preserve_range=True)
+    masks = resize(masks, (n, size, size), order=1, anti_aliasing=True, preserve_range=True) >= 0.5
+    return np.clip(images, 0, 1).astype(np.float32), masks, positions
+
+
+def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
+    """Return one scan's slices, or none with the reason it is excluded.
+
+    Args:
+        volume: 3D RAS brain (or head) volume; mask: its 3D mask (an empty mask marks a scan whose
+            skull stripping failed under ``on_error: skip``).
+        settings: the ``preprocess`` config section.
+
+    Returns:
+        dict with ``images`` (N, size, size) in ``settings['dtype']``, ``masks``, ``slice_index`` (int32),
+        ``slice_position`` (float32), ``excluded_stage`` and ``excluded_reason`` ('' when kept).
+    """
+    size = settings["size"]
+    mask = np.asarray(mask, bool)
+    stage, reason = "", ""
+    indices = np.zeros(0, np.int64)
+    if not mask.any():
+        stage, reason = "skull_strip", f"empty mask after skull_strip={settings['skull_strip']}"
+    else:
+        indices = select_axial_slices(
+            mask, settings["slice_selection"], settings["min_brain_fraction"], settings["slice_range"]
+        )
+        if len(indices) == 0:
+            stage, reason = "slice_volume", f"no axial slice passed slice_selection={settings['slice_selection']}"
+    if reason:
+        images, masks, positions = np.zeros((0, size, size)), np.zeros((0, size, size), bool), np.zeros(0)
+    else:
+        images, masks, positions = normalised_slices(volume, mask, indices, settings["clip_percentiles"], size)
+    return {
+        "images": images.astype(settings["dtype"]),
+        "masks": masks,
+        "slice_index": indices.astype(np.int32),
+        "slice_position": positions.astype(np.float32),
+        "excluded_stage": stage,
+        "excluded_reason": reason,
+    }

@@ -1,0 +1,37 @@
+"""Snakemake adapter for rule `slice_volume`: brain volume + mask -> normalised axial slices (slices/{scan}.h5)."""
+
+import nibabel as nib
+import numpy as np
+
+from brainvq.config import config_hash
+from brainvq.io import write_slices_h5
+from brainvq.preprocessing import scan_slices
+from brainvq.workflow import logged
+
+with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
+    scan, settings = snakemake.wildcards.scan, snakemake.params.preprocess
+    volume = nib.load(snakemake.input.brain).get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(snakemake.input.mask).dataobj) > 0
+    result = scan_slices(volume, mask, settings)
+    n = len(result["slice_index"])
+    write_slices_h5(
+        snakemake.output[0],
+        result["images"],
+        result["masks"],
+        [scan] * n,
+        [snakemake.params.participant] * n,
+        result["slice_index"],
+        result["slice_position"],
+        attrs={
+            "spacing_mm": settings["spacing_mm"],
+            "size": settings["size"],
+            "source": snakemake.params.source,
+            "config_hash": config_hash(settings),
+            "split": "",
+            "excluded_reason": result["excluded_reason"],
+            "excluded_stage": result["excluded_stage"],
+        },
+    )
+    if result["excluded_reason"]:
+        log.warning("%s excluded at %s: %s", scan, result["excluded_stage"], result["excluded_reason"])
+    log.info("%s: %d slices", scan, n)
