@@ -9,6 +9,12 @@ RUN_DIR = f"{config['results_dir']}/{RUN}"
 RESOURCES = config["resources_dir"]
 SOURCE = config["dataset"]["source"]
 
+if SOURCE == "local" and not config["dataset"]["local_dir"]:
+    raise ValueError(
+        "dataset.source is 'local' but dataset.local_dir is not set: add "
+        "'dataset: {local_dir: /path/to/volumes}' to your config file"
+    )
+
 
 def out(path):
     """A path under this run's results folder."""
