@@ -28,6 +28,7 @@ def raw_root():
         return (
             f"{RESOURCES}/demo/n{demo['n_subjects']}-seed{demo['seed']}"
             f"-oasis{demo['oasis_fraction']}"
+            + (f"-ds{demo['downsample']}" if demo["downsample"] != 1 else "")
         )
     if SOURCE == "local":
         return config["dataset"]["local_dir"]
