@@ -1,1 +1,39 @@
-# rules for stage 'evaluate' (see docs/architecture.md)
+# rules for stage 'evaluate' (see docs/architecture.md): metrics on the test subjects only.
+
+
+rule evaluate:
+    input:
+        split=out("split.csv"),
+        shards=out("shards"),
+        vqvae=out("vqvae/model.pt"),
+        codes=out("codes"),
+        prior=out("prior/model.pt"),
+        samples=out("samples/samples.h5"),
+    output:
+        metrics=report(
+            out("eval/metrics.json"),
+            caption="../report/metrics.rst",
+            category="Evaluation",
+        ),
+        per_subject=report(
+            out("eval/per_subject.csv"),
+            caption="../report/per_subject.rst",
+            category="Evaluation",
+        ),
+        per_slice=out("eval/per_slice.csv"),
+        figures=out("eval/figures.npz"),
+    log:
+        out("logs/evaluate.log"),
+    benchmark:
+        out("benchmarks/evaluate.tsv")
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        evaluate=config["evaluate"],
+        bottleneck=config["vqvae"]["bottleneck"],
+        source=SOURCE,
+    script:
+        "../workflow_scripts/evaluate.py"

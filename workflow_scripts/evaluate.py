@@ -1,0 +1,48 @@
+"""Snakemake adapter for rule `evaluate`: metrics of the trained run on its test subjects."""
+
+from pathlib import Path
+
+import torch
+
+from brainvq.data import read_split
+from brainvq.metrics import (
+    EvaluationInputError,
+    EvaluationInputs,
+    evaluate_run,
+    prior_scorer,
+    software_versions,
+    write_evaluation,
+)
+from brainvq.prior import load_prior
+from brainvq.runtime import seed_everything, select_device
+from brainvq.training import load_vqvae
+from brainvq.workflow import logged
+
+with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
+    settings = snakemake.params.evaluate
+    torch.set_num_threads(snakemake.threads)
+    seed_everything(settings["seed"])
+    device = select_device(settings["device"])
+    model = load_vqvae(snakemake.input.vqvae, device)
+    if not getattr(model, "codebook_size", None):
+        raise EvaluationInputError(
+            f"{snakemake.input.vqvae} has no codebook (vqvae.bottleneck={snakemake.params.bottleneck}); "
+            "evaluate needs vqvae.bottleneck vq or fsq"
+        )
+    inputs = EvaluationInputs(
+        split_csv=Path(snakemake.input.split),
+        shards_dir=Path(snakemake.input.shards),
+        codes_dir=Path(snakemake.input.codes),
+        samples=Path(snakemake.input.samples),
+    )
+    scorer = prior_scorer(load_prior(snakemake.input.prior, device), read_split(inputs.split_csv))
+    result = evaluate_run(inputs, model, scorer, model.codebook_size, settings, snakemake.params.source, device)
+    result.metrics["software"] = software_versions()
+    write_evaluation(
+        result,
+        snakemake.output.metrics,
+        snakemake.output.per_subject,
+        snakemake.output.per_slice,
+        snakemake.output.figures,
+    )
+    log.info("evaluated %d test slices of %d scans", result.metrics["n_test_slices"], result.metrics["n_test_scans"])

@@ -1,0 +1,24 @@
+"""Snakemake adapter for rule `report`: the self-contained HTML report and its figure PNGs."""
+
+from pathlib import Path
+
+from brainvq.reporting import FIGURE_NAMES, ReportInputs, build_report
+from brainvq.workflow import logged
+
+with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
+    inputs = ReportInputs(
+        metrics_json=Path(snakemake.input.metrics),
+        per_subject_csv=Path(snakemake.input.per_subject),
+        figures_npz=Path(snakemake.input.figures),
+        vqvae_history=Path(snakemake.input.vqvae_history),
+        prior_history=Path(snakemake.input.prior_history),
+        split_csv=Path(snakemake.input.split),
+        excluded_csv=Path(snakemake.input.excluded),
+        montages=[Path(p) for p in snakemake.input.montages],
+        samples_grid=Path(snakemake.input.samples_grid),
+    )
+    figures_dir = Path(snakemake.output.training_curves).parent
+    # The rule names one output per figure; they must be the files build_report writes.
+    assert {Path(snakemake.output[name]) for name in FIGURE_NAMES} == {figures_dir / f"{n}.png" for n in FIGURE_NAMES}
+    build_report(inputs, snakemake.params.config, snakemake.output.html, figures_dir)
+    log.info("wrote %s", snakemake.output.html)
