@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/download.smk"
@@ -23,6 +26,6 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         out("report/index.html"),
-    default_target: True
