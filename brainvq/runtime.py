@@ -102,3 +102,35 @@ class HistoryWriter:
         """Append one row (missing fields are left empty)."""
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self.fieldnames, extrasaction="ignore").writerow(row)
+
+
+def file_digest(path: str | Path) -> str:
+    """Return the SHA-256 of a file (small files: manifests, split and index tables)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def archive_stale_checkpoints(checkpoint_dir: str | Path, settings: dict) -> Path | None:
+    """Move ``checkpoint_dir`` aside when it was written under other ``settings``; record the current ones.
+
+    A Snakemake rerun after a kill has the same settings, so training resumes; a rerun because a
+    parameter or an input changed starts from scratch, and the old checkpoints are kept (renamed
+    ``<dir>-stale-N``) rather than deleted. Returns the archive path, or None when nothing moved.
+    """
+    import json
+
+    checkpoint_dir = Path(checkpoint_dir)
+    record = checkpoint_dir / "settings.json"
+    current = json.dumps(settings, sort_keys=True, default=str)
+    archived = None
+    if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
+        saved = record.read_text() if record.exists() else None
+        if saved != current:
+            n = 1
+            while (archived := checkpoint_dir.with_name(f"{checkpoint_dir.name}-stale-{n}")).exists():
+                n += 1
+            os.replace(checkpoint_dir, archived)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(current)
+    return archived
