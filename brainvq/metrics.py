@@ -622,7 +622,7 @@ def read_samples(path: str | Path) -> dict:
     except OSError as error:
         raise EvaluationInputError(f"cannot read {path}: {error}; re-run the sample rule") from error
     if len(samples["images"]) == 0:
-        raise EvaluationInputError(f"{path} holds no samples; raise sample.n_samples and re-run the sample rule")
+        raise EvaluationInputError(f"{path} holds no samples; raise sample.n and re-run the sample rule")
     samples["images"] = samples["images"].astype(np.float32)
     return samples
 
