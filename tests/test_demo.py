@@ -282,7 +282,7 @@ def test_build_refuses_a_non_empty_folder_and_leaves_nothing_when_interrupted(tm
 
 def test_snakemake_builds_the_demo_cohort_target(tmp_path):
     """The demo_cohort rule, run by real snakemake on a 2-subject, 4 mm cohort."""
-    target = "resources/demo/n2-seed0-oasis0.5"
+    target = "resources/demo/n2-seed0-oasis0.5-ds4"  # raw_root(): downsample is part of the name
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text("demo:\n  n_subjects: 2\n  downsample: 4\n")  # --config would pass the numbers as strings
     command = [
