@@ -33,6 +33,8 @@ import h5py
 import numpy as np
 import torch
 
+from brainvq.demo import synthetic_brain_slices
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,26 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------- data
 
 
-def synthetic_slices(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images, masks): ellipse 'brains' with textured 'tissue' and dark 'ventricles', in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
-    images = np.zeros((n, size, size), np.float32)
-    masks = np.zeros((n, size, size), bool)
-    for i in range(n):
-        a, b = rng.uniform(0.55, 0.8), rng.uniform(0.65, 0.9)
-        brain = (xx / a) ** 2 + (yy / b) ** 2 <= 1
-        ventricle = ((xx / (0.12 + 0.1 * rng.random())) ** 2 + (yy / 0.3) ** 2) <= 1
-        texture = 0.6 + 0.25 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(5 * yy)
-        image = np.where(ventricle, 0.2, np.where(brain, texture, 0.0))
-        images[i] = np.clip(image + rng.normal(0, 0.02, image.shape) * brain, 0, 1)
-        masks[i] = brain
-    return images, masks
-
-
 def write_synthetic_shard(path: Path, n_subjects: int, per_subject: int, size: int, seed: int, split: str) -> Path:
     """Write a contract-layout shard of synthetic slices (subjects ``{split}NN``)."""
-    images, masks = synthetic_slices(n_subjects * per_subject, size, seed)
+    images, masks = synthetic_brain_slices(n_subjects * per_subject, size, seed)
     scans = np.array([f"{split}{i:02d}" for i in range(n_subjects) for _ in range(per_subject)], dtype=object)
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images.astype(np.float16), chunks=(1, size, size), compression="gzip")

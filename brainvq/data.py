@@ -436,8 +436,9 @@ def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, imag
             "n_scans": len({scan for scan, _, _ in pieces}), "n_subjects": len(participants)}
 
 
-def _replace_directory(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``, replacing an existing ``target`` only once ``tmp`` is complete."""
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` to ``target``, replacing an existing ``target`` only then."""
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)
@@ -506,7 +507,7 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
                 log.info("wrote %s (%d slices)", path.name, entries[-1]["n_slices"])
         manifest = shard_manifest(entries, split_df, metadata, image_shape, dtype, shard_size, attrs)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_directory(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

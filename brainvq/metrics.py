@@ -980,16 +980,11 @@ EVALUATION_PACKAGES = ("numpy", "scipy", "pandas", "scikit-image", "scikit-learn
 
 def software_versions(packages=EVALUATION_PACKAGES) -> dict:
     """Return the Python version, installed versions of ``packages`` and the CUDA device (None on the CPU)."""
-    import platform
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     import torch
+
+    from brainvq.workflow import package_versions
+
+    versions = package_versions(packages)
 
     versions["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return versions

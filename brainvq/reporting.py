@@ -13,10 +13,8 @@ import io
 import json
 import math
 import os
-import platform
 import subprocess
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import jinja2
@@ -24,6 +22,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from brainvq.workflow import package_versions
 
 STYLE = {
     "font.size": 9,
@@ -455,13 +455,7 @@ def git_commit(repo_dir: str | Path) -> str | None:
 
 def report_software_versions(packages=REPORT_PACKAGES) -> dict:
     """Return the Python version and installed versions of ``packages`` in the environment rendering the report."""
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return package_versions(packages)
 
 
 def software_rows(evaluation: dict, report: dict) -> list[tuple[str, str, str]]:

@@ -31,6 +31,7 @@ from brainvq.data import (
     LeakageError,
     ShardDataset,
     read_split,
+    replace_directory,
     shard_paths,
     validation_subjects,
 )
@@ -721,17 +722,9 @@ def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str |
             dataset.close()
         table = pd.concat(tables, ignore_index=True)[INDEX_COLUMNS]
         table.to_csv(tmp / "index.csv", index=False)
-        _replace_directory(tmp, codes_dir)
+        replace_directory(tmp, codes_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return table
 
-
-def _replace_directory(tmp: Path, target: Path) -> None:
-    """Move the complete ``tmp`` to ``target``, replacing an existing ``target``."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -35,3 +35,17 @@ def logged(snakemake_obj):
             raise
         finally:
             sys.stderr = saved
+
+
+def package_versions(packages) -> dict:
+    """Return the Python version and the installed version of each package (None when absent), for provenance."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -9,28 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
+from brainvq.demo import synthetic_brain_slices  # noqa: F401 (tests import it from here)
+
 # CI has 2 cores; tests are tiny, so one thread avoids oversubscription when pytest runs in parallel.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_brain_slices(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images, masks): n ellipse 'brains' with a darker 'ventricle', values in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
-    images = np.zeros((n, size, size), np.float32)
-    masks = np.zeros((n, size, size), bool)
-    for i in range(n):
-        a, b = rng.uniform(0.55, 0.8), rng.uniform(0.65, 0.9)
-        brain = (xx / a) ** 2 + (yy / b) ** 2 <= 1
-        ventricle = ((xx / (0.12 + 0.1 * rng.random())) ** 2 + (yy / 0.3) ** 2) <= 1
-        texture = 0.6 + 0.25 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(5 * yy)
-        image = np.where(brain, texture, 0.0)
-        image = np.where(ventricle, 0.2, image)
-        images[i] = np.clip(image + rng.normal(0, 0.02, image.shape) * brain, 0, 1)
-        masks[i] = brain
-    return images, masks
 
 
 def write_shard(path: Path, images, masks, scans, participants, slice_index, slice_position, split: str) -> Path:
