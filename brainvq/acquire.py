@@ -462,12 +462,7 @@ def copy_local_file(
     if _already_verified(dest, manifest, md5, sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".copy")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
+    tmp = _linked_or_copied_temp(source, dest)
     actual_md5, actual_sha256 = _verify_or_quarantine(tmp, dest.name, source.as_uri(), md5, sha256)
     os.replace(tmp, dest)
     if manifest:
@@ -492,14 +487,19 @@ def dataset_dir(dataset: str, resources_dir: str | Path) -> Path:
     return Path(resources_dir) / dataset
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
+def _linked_or_copied_temp(source: Path, dest: Path) -> Path:
+    """Return a temporary sibling of ``dest`` holding ``source``: a hard link, or a copy across file systems."""
     tmp = dest.with_name(dest.name + ".copy")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
     except OSError:
         shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    return tmp
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    os.replace(_linked_or_copied_temp(source, dest), dest)
 
 
 def acquire_file(dataset: str, name: str, config: dict, *, progress: bool = True) -> Path:

@@ -165,6 +165,19 @@ def ixi_site(file_name: str) -> str | None:
     return match.group("site") if match else None
 
 
+def _oasis_columns(parts: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """The normalised columns of an OASIS sheet whose IDs were split into ``subject`` and ``session``."""
+    return pd.DataFrame(
+        {
+            "subject": parts["subject"],
+            "session": parts["session"],
+            "site": pd.NA,
+            "age": pd.to_numeric(table["Age"], errors="coerce"),
+            "sex": _sex_from_letters(table["M/F"]),
+        }
+    )
+
+
 def normalise_oasis1(path: str | Path) -> pd.DataFrame:
     """Return the normalised OASIS-1 sheet (``oasis_cross-sectional`` .csv or .xlsx).
 
@@ -178,15 +191,7 @@ def normalise_oasis1(path: str | Path) -> pd.DataFrame:
     if parts["subject"].isna().any():
         bad = table.loc[parts["subject"].isna(), "ID"].tolist()[:5]
         raise DemographicsError(f"{path}: IDs {bad} are not of the form OAS1_####_MR#; is this the OASIS-1 sheet?")
-    out = pd.DataFrame(
-        {
-            "subject": parts["subject"],
-            "session": parts["session"],
-            "site": pd.NA,
-            "age": pd.to_numeric(table["Age"], errors="coerce"),
-            "sex": _sex_from_letters(table["M/F"]),
-        }
-    )
+    out = _oasis_columns(parts, table)
     return pd.concat([out, _extras(table, ["ID", "M/F", "Age"])], axis=1).reset_index(drop=True)
 
 
@@ -208,15 +213,7 @@ def normalise_oasis2(path: str | Path) -> pd.DataFrame:
         raise DemographicsError(
             f"{path}: 'Subject ID' and 'MRI ID' disagree in rows {list(table.index[mismatch][:5])}"
         )
-    out = pd.DataFrame(
-        {
-            "subject": parts["subject"],
-            "session": parts["session"],
-            "site": pd.NA,
-            "age": pd.to_numeric(table["Age"], errors="coerce"),
-            "sex": _sex_from_letters(table["M/F"]),
-        }
-    )
+    out = _oasis_columns(parts, table)
     return pd.concat([out, _extras(table, ["Subject ID", "MRI ID", "M/F", "Age"])], axis=1).reset_index(drop=True)
 
 
