@@ -163,8 +163,20 @@ def merge_participants(scans: pd.DataFrame, participants: pd.DataFrame) -> pd.Da
     return merged
 
 
+CONTINUOUS_MIN_VALUES = 6
+
+
 def subject_strata(table: pd.DataFrame, column: str) -> pd.Series:
-    """Return one stratum label per subject (index): its first non-empty value of ``column``."""
+    """Return one stratum label per subject (index): its first non-empty value of ``column``.
+
+    A numeric column with at least CONTINUOUS_MIN_VALUES distinct values (age, atrophy) is cut at its
+    median over subjects, so subjects from both halves reach the test set.
+    """
+    values = pd.to_numeric(table[column], errors="coerce")
+    if values.notna().all() and values.nunique() >= CONTINUOUS_MIN_VALUES:
+        per_subject = values.groupby(table["subject"], sort=True).first()
+        halves = np.where(per_subject > per_subject.median(), "above median", "at or below median")
+        return pd.Series(halves, index=per_subject.index)
     labels = table[column].astype(str).where(table[column].notna() & (table[column].astype(str) != ""), "<missing>")
     return labels.groupby(table["subject"], sort=True).first()
 

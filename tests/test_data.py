@@ -110,6 +110,14 @@ def test_stratified_split_puts_every_site_in_both_sets():
         assert set(table.loc[table["split"] == "train", "site"]) == {"Guys", "HH", "IOP"}
 
 
+def test_stratifying_by_a_continuous_column_puts_both_halves_of_it_in_the_test_set():
+    scans, participants = cohort(24)  # age 20..43, one value per subject
+    for seed in range(10):
+        table = subject_split(scans, participants, 0.2, 0.0, seed, stratify="age")
+        test_ages = table.loc[table["split"] == "test", "age"]
+        assert (test_ages > 31.5).any() and (test_ages <= 31.5).any()
+
+
 def test_stratified_split_falls_back_when_there_are_more_sites_than_test_subjects():
     scans, participants = cohort(10, sites=("A", "B", "C", "D"))
     table = subject_split(scans, participants, 0.1, 0.0, 0, stratify="site")
