@@ -231,6 +231,13 @@ def held_out_subjects(subjects: Sequence[str], fraction: float, seed: int,
     return set(subjects[out_index])
 
 
+def stratify_column(split_config: dict, source: str) -> str | None:
+    """Return the participants column to stratify by: ``split.stratify``, or its per-source default for 'auto'."""
+    if split_config["stratify"] == "auto":
+        return split_config["stratify_by_source"].get(source)
+    return split_config["stratify"]
+
+
 def subject_split(scans: pd.DataFrame, participants: pd.DataFrame, test_fraction: float, val_fraction: float,
                   seed: int, stratify: str | None = None) -> pd.DataFrame:
     """Return the split table: ``scan, subject, session, split, validation`` + participants columns.

@@ -1,4 +1,5 @@
 # rules for stage 'split' (see docs/architecture.md): subject-level train/test split.
+from brainvq.data import stratify_column
 
 
 rule split:
@@ -16,6 +17,9 @@ rule split:
         "../envs/preprocess.yaml"
     threads: 1
     params:
-        split=config["split"],
+        split={
+            **config["split"],
+            "stratify": stratify_column(config["split"], SOURCE),
+        },
     script:
         "../workflow_scripts/split.py"
