@@ -361,6 +361,7 @@ def test_split_shards_and_montage_rules_run_under_snakemake(tmp_path):
     run = tmp_path / "results" / "demo"
     (run / "slices").mkdir(parents=True)
     scans, participants = cohort(6)
+    participants["atrophy"] = np.linspace(0.1, 0.9, 6)  # a demo participants.tsv has it (the demo stratifies by it)
     scans["path"] = ""
     scans.to_csv(run / "subjects.tsv", sep="\t", index=False)
     participants.to_csv(run / "participants.tsv", sep="\t", index=False)
