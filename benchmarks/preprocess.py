@@ -361,10 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
         "total_wall_s": round(time.perf_counter() - started, 1),
         **results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    from brainvq.files import write_text_atomic
+
+    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     log(f"wrote {args.out} in {results['total_wall_s']} s")
     return results
 

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from brainvq.config import load_config
+from brainvq.files import write_text_atomic
 from brainvq.data import read_split
 from brainvq.prior import (
     CodeMaps,
@@ -207,10 +208,7 @@ def main(argv=None) -> dict:
                      if history["val_nll_bits"].notna().any() else None},
         "sampling": speed,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    tmp_out.replace(args.out)
+    write_text_atomic(args.out, json.dumps(report, indent=2, default=float) + "\n")
     print(json.dumps({k: report[k] for k in ("test_nll_bits", "uniform_bits", "unigram_bits", "target_met")}))
     return report
 

@@ -30,6 +30,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from brainvq.files import atomic_path, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("ixi", "oasis1", "oasis2")
@@ -244,9 +246,7 @@ def record_in_manifest(path: str | Path, file: Path, md5: str, sha256: str, url:
         }
         text = "\t".join(MANIFEST_COLUMNS) + "\n"
         text += "".join("\t".join(rows[k][c] for c in MANIFEST_COLUMNS) + "\n" for k in sorted(rows))
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 # -------------------------------------------------------------------------------------- download
@@ -618,18 +618,14 @@ def safe_extract(archive: str | Path, target: str | Path) -> list[Path]:
             _merge_move(child, target / child.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    marker.parent.mkdir(exist_ok=True)
-    tmp_marker = marker.with_name(marker.name + ".tmp")
-    tmp_marker.write_text(json.dumps({"archive": archive.name, "bytes": size, "files": files}, indent=0))
-    os.replace(tmp_marker, marker)
+    write_text_atomic(marker, json.dumps({"archive": archive.name, "bytes": size, "files": files}, indent=0))
     log.info("%s: extracted %d files into %s", archive.name, len(files), target)
     return [target / member for member in files]
 
 
 def _atomic_copy(source: Path, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def extract_dataset(archives: list[str | Path], demographics: str | Path, target: str | Path) -> list[Path]:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from brainvq.demographics import read_participants_tsv
+from brainvq.files import atomic_path, save_figure_atomic
 
 # torch and scikit-learn are imported where used: split, shard and per-scan montage jobs run without
 # torch (preprocess env), and importing both costs seconds per job, paid once per scan by qc_montage.
@@ -294,15 +294,6 @@ def assert_subjects_disjoint(split_df: pd.DataFrame) -> None:
         raise LeakageError(f"test subjects marked validation: {test_validation}; re-run the split rule")
 
 
-def write_csv_atomic(table: pd.DataFrame, path: str | Path) -> None:
-    """Write ``table`` as CSV to a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def make_split(subjects_tsv: str | Path, participants_tsv: str | Path, excluded_inputs_csv: str | Path,
                slice_files: Mapping[str, str | Path], split_config: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(split table, excluded table)`` from the discovery outputs and the per-scan slices files.
@@ -456,15 +447,6 @@ def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, imag
 
 
 
-def replace_directory(tmp: Path, target: Path) -> None:
-    """Move the complete folder ``tmp`` to ``target``, replacing an existing ``target`` only then."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], out_dir: str | Path,
                  shard_size: int, dtype: str, attrs: Mapping) -> dict:
     """Write ``{split}-NNN.h5`` shards and ``manifest.json`` into ``out_dir``, atomically.
@@ -504,9 +486,6 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
     image_shape = _common_image_shape({Path(slice_files[scan]): m["shape"] for scan, m in metadata.items()
                                        if m["shape"][0] > 0})
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cache: dict[str, dict] = {}
 
     def arrays_of(scan: str) -> dict:
@@ -516,7 +495,8 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
             cache[scan] = _ordered_scan_arrays(Path(slice_files[scan]), metadata[scan])
         return cache[scan]
 
-    try:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
         entries = []
         for split, scans in scans_by_split.items():
             plan = shard_plan([(scan, metadata[scan]["shape"][0]) for scan in scans], shard_size)
@@ -526,10 +506,6 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
                 log.info("wrote %s (%d slices)", path.name, entries[-1]["n_slices"])
         manifest = shard_manifest(entries, split_df, metadata, image_shape, dtype, shard_size, attrs)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -706,13 +682,6 @@ def read_scan_slices(path: str | Path) -> dict:
     return arrays
 
 
-def _save_figure_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-
-
 def qc_montage(images: np.ndarray, masks: np.ndarray | None, title: str, path: str | Path,
                labels: Sequence | None = None, max_tiles: int = 64, tile_inches: float = 1.2) -> Path:
     """Write a PNG grid of slices with the mask outline in red, each tile labelled.
@@ -751,7 +720,7 @@ def qc_montage(images: np.ndarray, masks: np.ndarray | None, title: str, path: s
     fig.suptitle(f"{title}: {n} slices" + (f", {len(shown)} shown" if len(shown) < n else ""), fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (rows * tile_inches + 0.4), wspace=0.05,
                         hspace=0.25)
-    _save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
     return path
 
 
@@ -763,7 +732,7 @@ def excluded_montage(title: str, reason: str, path: str | Path) -> Path:
     fig = Figure(figsize=(4, 1.5), dpi=100)
     fig.text(0.5, 0.6, f"{title}: excluded", ha="center", va="center", fontsize=10, weight="bold")
     fig.text(0.5, 0.3, reason, ha="center", va="center", fontsize=8, wrap=True)
-    _save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path)
     return path
 
 

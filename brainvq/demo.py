@@ -29,7 +29,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -39,6 +38,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+
+from brainvq.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -368,11 +369,6 @@ def resample_to_grid(
 # ----------------------------------------------------------------------------- writers
 
 
-def temporary_sibling(path: Path, suffix: str) -> Path:
-    """Return a hidden temporary name next to ``path`` that keeps the file-type ``suffix``."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-
-
 def to_int16(values: np.ndarray) -> np.ndarray:
     """Return ``values`` rounded and clipped into int16."""
     return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
@@ -387,10 +383,8 @@ def save_ixi_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     image.set_qform(affine, code=1)  # 1 = scanner coordinates, as the IXI files carry
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path, ".nii.gz")
-    nib.save(image, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, ".nii.gz") as tmp:
+        nib.save(image, tmp)
     return path
 
 
@@ -410,12 +404,10 @@ def save_oasis_analyze(data: np.ndarray, zooms_mm, path: Path) -> Path:
     header.set_data_dtype(">i2")
     header.set_data_shape(stored.shape)
     header.set_zooms((*[float(z) for z in zooms_mm], 1.0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path, ".hdr")
-    nib.save(nib.AnalyzeImage(stored, None, header), tmp)
     # The .img goes first: a .hdr without its .img is what a reader would notice as broken.
-    os.replace(tmp.with_suffix(".img"), path.with_suffix(".img"))
-    os.replace(tmp, path)
+    with atomic_path(path, ".hdr") as tmp:
+        nib.save(nib.AnalyzeImage(stored, None, header), tmp)
+        os.replace(tmp.with_suffix(".img"), path.with_suffix(".img"))
     return path
 
 
@@ -828,21 +820,14 @@ def build_demo_cohort(
         raise DemoCohortError(f"{root} already exists and is not empty; delete it to rebuild the demo cohort")
     params = cohort_params(n_subjects, seed, oasis_fraction)
     head_model(downsample)  # build once here, so forked workers inherit it instead of each rebuilding it
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    if root.exists():
+        root.rmdir()  # empty (checked above): the finished folder takes its name
+    with atomic_path(root) as staging:
+        staging.mkdir()
         for p, (path, seconds) in zip(params, map_subjects(params, staging, downsample, workers)):
             log.info("demo subject %s (%s) -> %s in %.1f s", p.subject, p.layout, path.relative_to(staging), seconds)
         table = participants_frame(params)
         table.to_csv(staging / "participants.tsv", sep="\t", index=False)
-        if root.exists():
-            root.rmdir()  # empty (checked above): rename needs the name free
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return table
 
 

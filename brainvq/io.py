@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from nibabel.orientations import aff2axcodes, axcodes2ornt
 
+from brainvq.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 # Scan keys become file stems and the {scan} wildcard; "_mask" is refused because
@@ -585,32 +587,15 @@ def read_scans_table(path: str | Path) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writers: a temporary name, then os.replace, so a killed job never leaves a complete-looking file
+# Writers (atomic: see brainvq.files)
 # ----------------------------------------------------------------------------------------------
-
-
-def temporary_sibling(path: Path, suffix: str = "") -> Path:
-    """Return a hidden temporary path next to ``path`` (``suffix`` keeps an extension readers need)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
 
 
 def save_volume_atomic(img, path: str | Path) -> None:
     """Write a NIfTI image to ``path`` (.nii or .nii.gz) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = temporary_sibling(path, suffix)
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
-
-
-def write_table_atomic(table: pd.DataFrame, path: str | Path, sep: str = ",") -> None:
-    """Write ``table`` as CSV/TSV to ``path`` atomically (no index)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    table.to_csv(tmp, sep=sep, index=False)
-    os.replace(tmp, path)
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    with atomic_path(path, suffix) as tmp:
+        nib.save(img, str(tmp))
 
 
 def write_slices_h5(
@@ -633,13 +618,10 @@ def write_slices_h5(
         slice_index: N axial indices; slice_position: N positions in [0, 1].
         attrs: file attributes (spacing_mm, size, source, config_hash, split, excluded_reason...).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n, h, w = images.shape
-    tmp = temporary_sibling(path)
     # maxshape lets an excluded scan (N = 0) keep the (1, H, W) chunking of the contract.
     chunked = dict(chunks=(1, h, w), maxshape=(None, h, w), compression="gzip")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("images", data=images, **chunked)
         f.create_dataset("masks", data=np.asarray(masks, bool), **chunked)
         strings = h5py.string_dtype()
@@ -650,4 +632,3 @@ def write_slices_h5(
         f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32), maxshape=(None,))
         f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32), maxshape=(None,))
         f.attrs.update(attrs)
-    os.replace(tmp, path)

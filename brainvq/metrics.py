@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ from scipy import linalg, ndimage, stats
 from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
 from skimage.transform import resize
 from sklearn.metrics import roc_auc_score
+
+from brainvq.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -1009,11 +1010,8 @@ def write_evaluation(result: EvaluationResult, metrics_json: str | Path, per_sub
                      per_slice_csv: str | Path, figures_npz: str | Path) -> None:
     """Write the four evaluation outputs, each under a temporary name renamed into place when complete."""
     def atomic(path, write):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, Path(path).suffix) as tmp:
+            write(tmp)
 
     atomic(per_slice_csv, lambda p: result.per_slice.to_csv(p, index=False))
     atomic(per_subject_csv, lambda p: result.per_subject.to_csv(p, index=False))

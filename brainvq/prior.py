@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from brainvq.data import read_split
+from brainvq.files import atomic_path, save_figure_atomic
 from brainvq.models.pixelcnn import GatedPixelCNN
 from brainvq.runtime import (
     HistoryWriter,
@@ -615,11 +616,8 @@ def write_samples(path: str | Path, codes, images: np.ndarray, positions, labels
     float32, ``label`` (N,) strings, empty without labels) under a temporary name, then rename."""
     import h5py
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     n = len(images)
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("codes", data=np.asarray(codes).astype(np.int16))
         f.create_dataset("images", data=np.clip(images, 0, 1).astype(np.float32), chunks=(1, *images.shape[1:]),
                          compression="gzip")
@@ -627,8 +625,7 @@ def write_samples(path: str | Path, codes, images: np.ndarray, positions, labels
         f.create_dataset("label", data=np.array(list(labels) if labels else [""] * n, dtype=object),
                          dtype=h5py.string_dtype())
         f.attrs.update(attrs or {})
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def save_sample_grid(path: str | Path, images: np.ndarray, positions, labels: Sequence[str] | None,
@@ -651,10 +648,6 @@ def save_sample_grid(path: str | Path, images: np.ndarray, positions, labels: Se
                 ax.imshow(images[members[col]], cmap="gray", vmin=0, vmax=1)
         axes[row, 0].set_title(f"position {group[0]:.2f} {group[1]}".strip(), fontsize=8, loc="left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)

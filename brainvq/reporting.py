@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import json
 import math
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from brainvq.files import write_bytes_atomic
 from brainvq.workflow import package_versions
 
 STYLE = {
@@ -519,13 +519,6 @@ def render_report(context: dict) -> str:
     return TEMPLATES.get_template("report.html.j2").render(**context)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figures_dir: str | Path,
                  repo_dir: str | Path | None = None) -> Path:
     """Write ``figures_dir/<name>.png`` for each of ``FIGURE_NAMES`` and the self-contained ``html_path``.
@@ -552,7 +545,7 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
     figures = {}
     for name, fig in report_figures(metrics, arrays, per_subject, histories).items():
         png = figure_png(fig, settings["figure_dpi"])
-        _write_atomic(Path(figures_dir) / f"{name}.png", png)
+        write_bytes_atomic(Path(figures_dir) / f"{name}.png", png)
         figures[name] = data_uri(png)
 
     excluded_html, excluded_left_out = html_table(excluded, settings["max_table_rows"])
@@ -582,5 +575,5 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         "git_commit": git_commit(repo_dir or Path(__file__).resolve().parents[1]),
     }
     html_path = Path(html_path)
-    _write_atomic(html_path, render_report(context).encode("utf-8"))
+    write_bytes_atomic(html_path, render_report(context).encode("utf-8"))
     return html_path

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brainvq.files import atomic_path
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: unreadable, or written under another configuration."""
@@ -41,11 +43,8 @@ def seed_everything(seed: int) -> None:
 
 def save_checkpoint_atomic(state: dict, path: str | Path) -> None:
     """Write ``state`` with torch.save to a temporary name, then rename, so a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def differing_keys(saved: dict, expected: dict, prefix: str = "") -> list[str]:

@@ -31,10 +31,10 @@ from brainvq.data import (
     LeakageError,
     ShardDataset,
     read_split,
-    replace_directory,
     shard_paths,
     validation_subjects,
 )
+from brainvq.files import atomic_path
 from brainvq.models import CodeUsage, NotDiscreteError, VQVAE, build_vqvae
 from brainvq.runtime import (
     HistoryWriter,
@@ -495,10 +495,8 @@ class Trainer:
             "step": step,
             "image_size": list(image_size),
         }
-        history = self.out_dir / "history.csv"
-        tmp = history.with_name(f".{history.name}.tmp-{os.getpid()}")
-        shutil.copyfile(self.ckpt_path.parent / "history.csv", tmp)
-        os.replace(tmp, history)
+        with atomic_path(self.out_dir / "history.csv") as tmp:
+            shutil.copyfile(self.ckpt_path.parent / "history.csv", tmp)
         save_checkpoint_atomic(state, self.out_dir / "model.pt")
 
     # -- one step
@@ -691,10 +689,8 @@ def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str |
             "train with vqvae.bottleneck vq or fsq to quantize"
         )
     split_df = read_split(split_csv)
-    tmp = codes_dir.with_name(f".{codes_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tables = []
-    try:
+    with atomic_path(codes_dir) as tmp:
         for split in SPLITS:
             dataset = ShardDataset(shard_paths(shards_dir, split))
             if tuple(dataset.image_size) != tuple(model.image_size):
@@ -722,9 +718,5 @@ def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str |
             dataset.close()
         table = pd.concat(tables, ignore_index=True)[INDEX_COLUMNS]
         table.to_csv(tmp / "index.csv", index=False)
-        replace_directory(tmp, codes_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return table
 

@@ -30,9 +30,9 @@ from brainvq.data import (
     shard_paths,
     subject_split,
     validation_subjects,
-    write_csv_atomic,
     write_shards,
 )
+from brainvq.files import write_table_atomic
 from brainvq.io import write_slices_h5
 
 SPLIT = {"test_fraction": 0.1, "val_fraction": 0.1, "seed": 0, "stratify": None}
@@ -191,7 +191,7 @@ def test_make_split_drops_and_reports_excluded_scans(tmp_path):
     assert excluded.loc[0, "path"] == "/raw/S01_MR1.nii.gz"
     assert set(table["scan"]).isdisjoint(excluded["scan"]) and len(table) == 9
     assert list(table.columns[:5]) == ["scan", "subject", "session", "split", "validation"]
-    write_csv_atomic(table, tmp_path / "split.csv")
+    write_table_atomic(table, tmp_path / "split.csv")
     pd.testing.assert_frame_equal(read_split(tmp_path / "split.csv")[["scan", "subject", "split", "validation"]],
                                   table[["scan", "subject", "split", "validation"]], check_dtype=False)
 

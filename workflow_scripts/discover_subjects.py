@@ -1,7 +1,8 @@
 """Snakemake adapter for checkpoint `discover_subjects`: raw folder -> subjects.tsv, participants.tsv, excluded inputs."""
 
 from brainvq.demographics import participants_table
-from brainvq.io import discover_scans_with_exclusions, write_table_atomic
+from brainvq.files import write_table_atomic
+from brainvq.io import discover_scans_with_exclusions
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)

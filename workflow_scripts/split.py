@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from brainvq.data import make_split, write_csv_atomic
+from brainvq.data import make_split
+from brainvq.files import write_table_atomic
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
@@ -14,8 +15,8 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         slice_files,
         snakemake.params.split,
     )
-    write_csv_atomic(excluded, snakemake.output.excluded)
-    write_csv_atomic(table, snakemake.output.split)
+    write_table_atomic(excluded, snakemake.output.excluded)
+    write_table_atomic(table, snakemake.output.split)
     counts = table.groupby("split")["subject"].nunique().to_dict()
     log.info(
         "split %d scans: %s subjects; %d validation subjects; %d scans excluded",
