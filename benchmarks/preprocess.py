@@ -108,7 +108,8 @@ def stage_timings(raw_root: Path, slices_dir: Path, config: dict, n_bet: int, lo
     configuration); BET is timed on the first ``n_bet`` volumes only.
     """
     from brainvq.config import config_hash
-    from brainvq.io import find_scans, load_volume, write_slices_h5
+    from brainvq.data import write_slices_h5
+    from brainvq.io import find_scans, load_volume
     from brainvq.preprocessing import reorient_to_ras, resample_isotropic, scan_slices, skull_strip
 
     settings = config["preprocess"]
@@ -151,7 +152,7 @@ def stage_timings(raw_root: Path, slices_dir: Path, config: dict, n_bet: int, lo
 def slice_count(path: Path) -> int:
     """Return the number of slices in a slices/shard file."""
     with h5py.File(path, "r") as f:
-        return int(f["subject"].shape[0])
+        return int(f["scan"].shape[0])
 
 
 def replicated_slice_files(slices_dir: Path, out_dir: Path, n_slices: int) -> dict[str, Path]:
@@ -168,9 +169,9 @@ def replicated_slice_files(slices_dir: Path, out_dir: Path, n_slices: int) -> di
             target = out_dir / f"{scan}.h5"
             shutil.copyfile(source, target)
             with h5py.File(target, "a") as f:
-                n = f["subject"].shape[0]
+                n = f["scan"].shape[0]
+                f["scan"][...] = np.array([scan] * n, dtype=object)
                 f["subject"][...] = np.array([scan] * n, dtype=object)
-                f["participant"][...] = np.array([scan] * n, dtype=object)
             files[scan] = target
             total += n
         copy += 1
@@ -208,7 +209,7 @@ def write_png_folder(shard_files: list[Path], png_dir: Path) -> list[Path]:
     paths = []
     for shard in shard_files:
         with h5py.File(shard, "r") as f:
-            images, scans, index = f["images"][()], f["subject"].asstr()[()], f["slice_index"][()]
+            images, scans, index = f["images"][()], f["scan"].asstr()[()], f["slice_index"][()]
         for image, scan, k in zip(images, scans, index):
             path = png_dir / f"{scan}_{int(k):03d}.png"
             Image.fromarray(np.round(np.asarray(image, np.float32) * 255).astype(np.uint8)).save(path)

@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from brainvq.data import write_slices_h5
 from brainvq.demo import synthetic_brain_slices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,14 +70,10 @@ def write_synthetic_shard(path: Path, n_subjects: int, per_subject: int, size: i
     """Write a contract-layout shard of synthetic slices (subjects ``{split}NN``)."""
     images, masks = synthetic_brain_slices(n_subjects * per_subject, size, seed)
     scans = np.array([f"{split}{i:02d}" for i in range(n_subjects) for _ in range(per_subject)], dtype=object)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, size, size), compression="gzip")
-        f.create_dataset("masks", data=masks, chunks=(1, size, size), compression="gzip")
-        for name in ("subject", "participant"):
-            f.create_dataset(name, data=scans, dtype=h5py.string_dtype())
-        f.create_dataset("slice_index", data=np.tile(np.arange(per_subject, dtype=np.int32), n_subjects))
-        f.create_dataset("slice_position", data=np.tile(np.linspace(0, 1, per_subject, dtype=np.float32), n_subjects))
-        f.attrs.update(spacing_mm=1.0, size=size, source="synthetic", config_hash="benchmark", split=split)
+    write_slices_h5(path, images.astype(np.float16), masks, scans, scans,
+                    np.tile(np.arange(per_subject, dtype=np.int32), n_subjects),
+                    np.tile(np.linspace(0, 1, per_subject, dtype=np.float32), n_subjects),
+                    {"spacing_mm": 1.0, "size": size, "source": "synthetic", "config_hash": "benchmark", "split": split})
     return path
 
 
@@ -265,8 +261,8 @@ def data_summary(shards: dict) -> dict:
 
     train, test = ShardDataset(shards["train"], subjects=shards["train_subjects"]), ShardDataset(shards["test"])
     return {"image_size": list(train.image_size), "train_slices": len(train), "heldout_slices_available": len(test),
-            "train_subjects": int(train.index["participant"].nunique()),
-            "heldout_subjects": int(test.index["participant"].nunique())}
+            "train_subjects": int(train.index["subject"].nunique()),
+            "heldout_subjects": int(test.index["subject"].nunique())}
 
 
 def git_commit() -> dict:

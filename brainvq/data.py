@@ -1,7 +1,7 @@
 """Subject-level split, HDF5 shards, the PyTorch shard reader and per-scan QC montages.
 
 Contracts (paths, HDF5 layout) are in docs/architecture.md. The unit of every split decision is the
-**subject** (participant): all scans (sessions) of one subject land in the same set, and the shard
+**subject** (one person): all scans (sessions) of one subject land in the same set, and the shard
 writer refuses to write anything if a subject would end up in both.
 """
 
@@ -30,8 +30,11 @@ SPLITS = ("train", "test")
 SPLIT_COLUMNS = ["scan", "subject", "session", "split", "validation"]
 EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
 # Small per-slice datasets: the reader builds its index from these without touching the images.
-METADATA_DATASETS = ("subject", "participant", "slice_index", "slice_position")
+METADATA_DATASETS = ("scan", "subject", "slice_index", "slice_position")
 SHARD_DATASETS = ("images", "masks") + METADATA_DATASETS
+# Version 2: datasets `scan` (the volume) and `subject` (the person); version 1 called them `subject` and
+# `participant`. Files of another version are refused rather than misread.
+SHARD_FORMAT_VERSION = 2
 
 
 class SplitError(ValueError):
@@ -48,6 +51,10 @@ class ShardError(RuntimeError):
 
 class ShardSizeError(ShardError):
     """Shards (or slices files) disagree on the image size."""
+
+
+class ShardFormatError(ShardError):
+    """A shard or slices file was written in another shard format version (an older brainvq)."""
 
 
 # --------------------------------------------------------------------------------------------- split
@@ -352,21 +359,35 @@ def _strings(dataset) -> np.ndarray:
     return np.asarray(dataset.asstr()[()], dtype=object)
 
 
+def check_shard_format(f: h5py.File, path: Path) -> None:
+    """Raise ShardFormatError unless the open file ``f`` is in SHARD_FORMAT_VERSION with every contract dataset."""
+    version = int(f.attrs.get("format_version", 1))
+    if version != SHARD_FORMAT_VERSION:
+        raise ShardFormatError(
+            f"{path} is in shard format {version} but this brainvq reads format {SHARD_FORMAT_VERSION} "
+            "(format 1 stored the scan key as 'subject' and the subject as 'participant'); it was written by "
+            "another version. Re-run preprocessing: delete results/<run>/slices and results/<run>/shards, or "
+            "run snakemake with --forcerun slice_volume"
+        )
+    missing = [name for name in SHARD_DATASETS if name not in f]
+    if missing:
+        raise ShardError(f"{path} lacks datasets {missing}; re-create it (slice_volume / write_shards)")
+
+
 def read_slice_metadata(path: str | Path) -> dict:
     """Return the per-slice metadata of a slices/shard file: the METADATA_DATASETS and ``shape`` (N, H, W).
 
     Raises:
+        ShardFormatError: when the file is of another shard format version.
         ShardError: when the file cannot be opened or lacks a contract dataset.
     """
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            missing = [name for name in SHARD_DATASETS if name not in f]
-            if missing:
-                raise ShardError(f"{path} lacks datasets {missing}; re-create it (slice_volume / write_shards)")
+            check_shard_format(f, path)
             return {
+                "scan": _strings(f["scan"]),
                 "subject": _strings(f["subject"]),
-                "participant": _strings(f["participant"]),
                 "slice_index": f["slice_index"][()].astype(np.int32),
                 "slice_position": f["slice_position"][()].astype(np.float32),
                 "shape": tuple(int(d) for d in f["images"].shape),
@@ -375,13 +396,49 @@ def read_slice_metadata(path: str | Path) -> dict:
         raise ShardError(f"cannot read {path}: {error}; delete it and re-run the rule that writes it") from error
 
 
-def assert_written_subjects_disjoint(participants_by_split: Mapping[str, set[str]]) -> None:
-    """Raise LeakageError if a participant is about to be written to more than one split."""
-    train, test = participants_by_split.get("train", set()), participants_by_split.get("test", set())
+def assert_written_subjects_disjoint(subjects_by_split: Mapping[str, set[str]]) -> None:
+    """Raise LeakageError if a subject is about to be written to more than one split."""
+    train, test = subjects_by_split.get("train", set()), subjects_by_split.get("test", set())
     leaked = sorted(train & test)
     if leaked:
-        raise LeakageError(f"participants found in slices of both train and test scans: {leaked}; "
+        raise LeakageError(f"subjects found in slices of both train and test scans: {leaked}; "
                            "the slices files disagree with split.csv — re-run slice_volume and split")
+
+
+def write_slices_h5(
+    path: str | Path,
+    images: np.ndarray,
+    masks: np.ndarray,
+    scans,
+    subjects,
+    slice_index,
+    slice_position,
+    attrs: dict,
+) -> Path:
+    """Write slices in the shard layout of docs/architecture.md, atomically; return ``path``.
+
+    Args:
+        path: the .h5 file to write.
+        images: (N, H, W) float16/float32 in [0, 1] (stored with this dtype).
+        masks: (N, H, W) bool.
+        scans: N scan keys (dataset ``scan``); subjects: N subject IDs (dataset ``subject``).
+        slice_index: N axial indices; slice_position: N positions in [0, 1].
+        attrs: file attributes (spacing_mm, size, source, config_hash, split, excluded_reason...).
+    """
+    n, h, w = images.shape
+    # maxshape lets an excluded scan (N = 0) keep the (1, H, W) chunking of the contract.
+    chunked = dict(chunks=(1, h, w), maxshape=(None, h, w), compression="gzip")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images, **chunked)
+        f.create_dataset("masks", data=np.asarray(masks, bool), **chunked)
+        strings = h5py.string_dtype()
+        f.create_dataset("scan", data=np.array(list(scans), dtype=object), dtype=strings, maxshape=(None,))
+        f.create_dataset("subject", data=np.array(list(subjects), dtype=object), dtype=strings, maxshape=(None,))
+        f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32), maxshape=(None,))
+        f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32), maxshape=(None,))
+        f.attrs.update(attrs)
+        f.attrs["format_version"] = SHARD_FORMAT_VERSION
+    return Path(path)
 
 
 def shard_plan(scan_counts: Sequence[tuple[str, int]], shard_size: int) -> list[list[tuple[str, int, int]]]:
@@ -436,14 +493,15 @@ def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, imag
             for name in METADATA_DATASETS:
                 meta[name].append(arrays[name][start:stop])
             row += stop - start
-        for name in ("subject", "participant"):
+        for name in ("scan", "subject"):
             f.create_dataset(name, data=np.concatenate(meta[name]).astype(object), dtype=h5py.string_dtype())
         f.create_dataset("slice_index", data=np.concatenate(meta["slice_index"]).astype(np.int32))
         f.create_dataset("slice_position", data=np.concatenate(meta["slice_position"]).astype(np.float32))
         f.attrs.update(attrs)
-    participants = sorted(set(np.concatenate(meta["participant"])))
+        f.attrs["format_version"] = SHARD_FORMAT_VERSION
+    subjects = sorted(set(np.concatenate(meta["subject"])))
     return {"file": path.name, "split": attrs["split"], "n_slices": n,
-            "n_scans": len({scan for scan, _, _ in pieces}), "n_subjects": len(participants)}
+            "n_scans": len({scan for scan, _, _ in pieces}), "n_subjects": len(subjects)}
 
 
 
@@ -478,7 +536,7 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
     scans_by_split = {s: sorted(split_df.loc[split_df["split"] == s, "scan"]) for s in SPLITS}
     metadata = {scan: read_slice_metadata(slice_files[scan]) for scans in scans_by_split.values() for scan in scans}
     # Second leakage check, on what would actually be written rather than on the table.
-    assert_written_subjects_disjoint({s: {p for scan in scans for p in metadata[scan]["participant"]}
+    assert_written_subjects_disjoint({s: {p for scan in scans for p in metadata[scan]["subject"]}
                                       for s, scans in scans_by_split.items()})
     for split, scans in scans_by_split.items():
         if not sum(metadata[scan]["shape"][0] for scan in scans):
@@ -578,12 +636,53 @@ def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, int]:
     return _common_image_shape(shapes)
 
 
+def shard_index(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Return one row per slice of the shards ``paths``, in order: ``file`` (index into ``paths``), ``row``,
+    ``scan``, ``subject``, ``slice_index``, ``slice_position``; read from the small metadata datasets only."""
+    frames = []
+    for k, path in enumerate(paths):
+        meta = read_slice_metadata(path)
+        frames.append(pd.DataFrame({"file": k, "row": np.arange(meta["shape"][0]),
+                                    **{name: meta[name] for name in METADATA_DATASETS}}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def shard_chunks(paths: Iterable[str | Path], with_masks: bool = True):
+    """Yield each shard whole as a dict of arrays: ``images`` (float32), ``masks`` (bool, with ``with_masks``)
+    and the METADATA_DATASETS."""
+    for path in paths:
+        meta = read_slice_metadata(path)
+        with h5py.File(path, "r") as f:
+            chunk = {"images": f["images"][()].astype(np.float32)}
+            if with_masks:
+                chunk["masks"] = f["masks"][()].astype(bool)
+        chunk.update({name: meta[name] for name in METADATA_DATASETS})
+        yield chunk
+
+
+def load_shard_rows(paths: Sequence[str | Path], rows: pd.DataFrame, dataset: str = "images") -> np.ndarray:
+    """Return ``dataset`` (images as float32, masks as bool) of ``rows`` (``shard_index`` rows), in their order."""
+    out = [None] * len(rows)
+    for k, group in rows.reset_index(drop=True).groupby("file"):
+        order = np.argsort(group["row"].to_numpy(), kind="stable")
+        wanted = group["row"].to_numpy()[order]
+        unique, inverse = np.unique(wanted, return_inverse=True)  # h5py wants increasing, distinct rows
+        with h5py.File(paths[k], "r") as f:
+            block = f[dataset][unique][inverse]
+        for position, image in zip(group.index.to_numpy()[order], block):
+            out[position] = image
+    if not out:
+        return np.zeros((0, 1, 1), np.float32)
+    stacked = np.stack(out)
+    return stacked.astype(bool) if dataset == "masks" else stacked.astype(np.float32)
+
+
 class ShardDataset:
     """Slices of HDF5 shards as a map-style dataset for ``torch.utils.data.DataLoader``.
 
-    Each item is ``{"image": (1, H, W) float32 tensor, "scan": str, "participant": str,
+    Each item is ``{"image": (1, H, W) float32 tensor, "scan": str, "subject": str,
     "slice_index": int, "slice_position": float}`` plus ``"mask": (1, H, W) bool tensor`` with
-    ``with_masks``. ``index`` (a DataFrame: file, row, scan, participant, slice_index,
+    ``with_masks``. ``index`` (a DataFrame: file, row, scan, subject, slice_index,
     slice_position) describes the items in order; ``image_size`` is (H, W).
 
     Safe with DataLoader workers: the index comes from the small metadata datasets, read and closed
@@ -591,28 +690,23 @@ class ShardDataset:
 
     Args:
         shard_paths: shard files (e.g. ``shard_paths(shards_dir, "train")``).
-        subjects: keep only slices whose participant or scan is in this set (None keeps all).
+        subjects: keep only slices of these subjects (None keeps all).
+        scans: keep only slices of these scans (None keeps all).
         with_masks: also return the brain mask.
     """
 
-    def __init__(self, shard_paths: Sequence[str | Path], subjects: set[str] | None = None, with_masks: bool = False):
+    def __init__(self, shard_paths: Sequence[str | Path], subjects: set[str] | None = None,
+                 scans: set[str] | None = None, with_masks: bool = False):
         self.paths = [Path(p) for p in shard_paths]
         if not self.paths:
             raise ShardError("ShardDataset got no shard files; run the write_shards rule")
         self.with_masks = with_masks
         self.image_size = shard_image_size(self.paths)
-        frames = []
-        for k, path in enumerate(self.paths):
-            meta = read_slice_metadata(path)
-            frames.append(pd.DataFrame({
-                "file": k, "row": np.arange(meta["shape"][0]), "scan": meta["subject"],
-                "participant": meta["participant"], "slice_index": meta["slice_index"],
-                "slice_position": meta["slice_position"],
-            }))
-        index = pd.concat(frames, ignore_index=True)
+        index = shard_index(self.paths)
         if subjects is not None:
-            wanted = set(subjects)
-            index = index[index["participant"].isin(wanted) | index["scan"].isin(wanted)]
+            index = index[index["subject"].isin(set(subjects))]
+        if scans is not None:
+            index = index[index["scan"].isin(set(scans))]
         self.index = index.reset_index(drop=True)
         # Plain arrays: DataFrame.iloc costs more per item than reading the image itself.
         self._columns = {name: self.index[name].to_numpy() for name in self.index.columns}
@@ -647,7 +741,7 @@ class ShardDataset:
         item = {
             "image": torch.from_numpy(self._read(images, row).astype(np.float32))[None],
             "scan": columns["scan"][i],
-            "participant": columns["participant"][i],
+            "subject": columns["subject"][i],
             "slice_index": int(columns["slice_index"][i]),
             "slice_position": float(columns["slice_position"][i]),
         }

@@ -8,7 +8,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -596,39 +595,3 @@ def save_volume_atomic(img, path: str | Path) -> None:
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
     with atomic_path(path, suffix) as tmp:
         nib.save(img, str(tmp))
-
-
-def write_slices_h5(
-    path: str | Path,
-    images: np.ndarray,
-    masks: np.ndarray,
-    scans,
-    participants,
-    slice_index,
-    slice_position,
-    attrs: dict,
-) -> None:
-    """Write slices in the shard layout of docs/architecture.md, atomically.
-
-    Args:
-        path: the .h5 file to write.
-        images: (N, H, W) float16/float32 in [0, 1] (stored with this dtype).
-        masks: (N, H, W) bool.
-        scans: N scan keys (dataset ``subject``); participants: N subjects (dataset ``participant``).
-        slice_index: N axial indices; slice_position: N positions in [0, 1].
-        attrs: file attributes (spacing_mm, size, source, config_hash, split, excluded_reason...).
-    """
-    n, h, w = images.shape
-    # maxshape lets an excluded scan (N = 0) keep the (1, H, W) chunking of the contract.
-    chunked = dict(chunks=(1, h, w), maxshape=(None, h, w), compression="gzip")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("images", data=images, **chunked)
-        f.create_dataset("masks", data=np.asarray(masks, bool), **chunked)
-        strings = h5py.string_dtype()
-        f.create_dataset("subject", data=np.array(list(scans), dtype=object), dtype=strings, maxshape=(None,))
-        f.create_dataset(
-            "participant", data=np.array(list(participants), dtype=object), dtype=strings, maxshape=(None,)
-        )
-        f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32), maxshape=(None,))
-        f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32), maxshape=(None,))
-        f.attrs.update(attrs)

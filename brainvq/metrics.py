@@ -50,6 +50,7 @@ from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structu
 from skimage.transform import resize
 from sklearn.metrics import roc_auc_score
 
+from brainvq.data import load_shard_rows, shard_chunks, shard_index
 from brainvq.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -664,52 +665,6 @@ def model_outputs(model, images: np.ndarray, device, batch_size: int, what: str)
     return np.concatenate(chunks) if chunks else np.zeros((0,) + np.shape(images)[1:], np.float32)
 
 
-def shard_chunks(paths: Iterable[Path], with_masks: bool = True):
-    """Yield each shard as a dict of arrays: ``images`` (float32), ``masks``, ``scan``, ``participant``,
-    ``slice_index``, ``slice_position``."""
-    import h5py
-
-    from brainvq.data import read_slice_metadata
-
-    for path in paths:
-        meta = read_slice_metadata(path)
-        with h5py.File(path, "r") as f:
-            chunk = {"images": f["images"][()].astype(np.float32)}
-            if with_masks:
-                chunk["masks"] = f["masks"][()].astype(bool)
-        chunk.update(scan=meta["subject"], participant=meta["participant"], slice_index=meta["slice_index"],
-                     slice_position=meta["slice_position"])
-        yield chunk
-
-
-def shard_metadata(paths: list[Path]) -> pd.DataFrame:
-    """Return one row per slice of ``paths`` in order: ``file`` (index into paths), ``row``, ``scan``, ``position``."""
-    from brainvq.data import read_slice_metadata
-
-    frames = []
-    for k, path in enumerate(paths):
-        meta = read_slice_metadata(path)
-        frames.append(pd.DataFrame({"file": k, "row": np.arange(meta["shape"][0]), "scan": meta["subject"],
-                                    "position": meta["slice_position"]}))
-    return pd.concat(frames, ignore_index=True)
-
-
-def load_shard_rows(paths: list[Path], rows: pd.DataFrame) -> np.ndarray:
-    """Return the images ``(N, H, W)`` float32 of ``rows`` (``shard_metadata`` rows), in their order."""
-    import h5py
-
-    images = [None] * len(rows)
-    for k, group in rows.reset_index(drop=True).groupby("file"):
-        order = np.argsort(group["row"].to_numpy(), kind="stable")
-        wanted = group["row"].to_numpy()[order]
-        unique, inverse = np.unique(wanted, return_inverse=True)  # h5py wants increasing, distinct rows
-        with h5py.File(paths[k], "r") as f:
-            block = f["images"][unique].astype(np.float32)[inverse]
-        for position, image in zip(group.index.to_numpy()[order], block):
-            images[position] = image
-    return np.stack(images) if images else np.zeros((0, 1, 1), np.float32)
-
-
 def reconstruction_pass(model, test_paths: list[Path], device, batch_size: int,
                         feature_rows: set[int]) -> tuple[pd.DataFrame, dict, dict]:
     """Reconstruct every test slice; return (per-slice table, mid-slice examples per scan, selected rows).
@@ -722,7 +677,7 @@ def reconstruction_pass(model, test_paths: list[Path], device, batch_size: int,
         recon = model_outputs(model, chunk["images"], device, batch_size, "reconstruction")
         table = reconstruction_metric_table(chunk["images"], recon, chunk["masks"])
         table.insert(0, "scan", chunk["scan"])
-        table.insert(1, "subject", chunk["participant"])
+        table.insert(1, "subject", chunk["subject"])
         table.insert(2, "slice_index", chunk["slice_index"])
         table.insert(3, "slice_position", chunk["slice_position"])
         tables.append(table)
@@ -784,7 +739,7 @@ def generation_evaluation(samples: dict, train_paths: list[Path], real_images: n
         settings: the ``evaluate`` config section.
     """
     seed = settings["seed"]
-    train_positions = shard_metadata(train_paths)["position"].to_numpy(np.float64)
+    train_positions = shard_index(train_paths)["slice_position"].to_numpy(np.float64)
     # Sparse positions (few slices per scan): widen a sample's window to its nearest training slice.
     nearest = np.abs(samples["slice_position"][:, None] - train_positions[None]).min(axis=1)
     windows = np.maximum(settings["memorisation_position_window"], nearest + 1e-6)
@@ -901,10 +856,10 @@ def evaluate_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_s
     rng_seed = settings["seed"]
 
     # Pick the test rows that pair with samples, and the rows that get lesions, from metadata alone.
-    test_meta = shard_metadata(test_paths)
-    matched = matched_real_indices(samples["slice_position"], test_meta["position"].to_numpy(),
+    test_meta = shard_index(test_paths)
+    matched = matched_real_indices(samples["slice_position"], test_meta["slice_position"].to_numpy(),
                                    settings["match_position_window"], rng_seed)
-    central = np.flatnonzero(np.abs(test_meta["position"].to_numpy() - 0.5) <= 0.25)
+    central = np.flatnonzero(np.abs(test_meta["slice_position"].to_numpy() - 0.5) <= 0.25)
     central = central if central.size else np.arange(len(test_meta))
     lesion_rows = np.sort(np.random.default_rng(rng_seed).choice(
         central, min(settings["anomaly_n_slices"], central.size), replace=False))
@@ -959,7 +914,7 @@ def evaluate_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_s
         "anomaly": anomaly,
     }
     figures = {**example_triplets(per_subject, examples), "codebook_counts": counts,
-               **samples_next_to_real(samples, real_images, test_meta["position"].to_numpy()[matched],
+               **samples_next_to_real(samples, real_images, test_meta["slice_position"].to_numpy()[matched],
                                       settings["figure_positions"], settings["samples_per_position"]),
                **anomaly_figures, "memorisation_highest_ssim": highest}
     return EvaluationResult(metrics, per_slice, per_subject, figures)
@@ -967,8 +922,8 @@ def evaluate_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_s
 
 def _matched_training_images(train_paths: list[Path], sample_positions: np.ndarray, settings: dict) -> np.ndarray:
     """Return training slices matched in position to the samples (the real-vs-real FD reference)."""
-    meta = shard_metadata(train_paths)
-    picks = matched_real_indices(sample_positions, meta["position"].to_numpy(), settings["match_position_window"],
+    meta = shard_index(train_paths)
+    picks = matched_real_indices(sample_positions, meta["slice_position"].to_numpy(), settings["match_position_window"],
                                  settings["seed"] + 1)
     return load_shard_rows(train_paths, meta.iloc[picks])
 

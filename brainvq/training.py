@@ -711,7 +711,7 @@ def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str |
                 name = f"{split}/{scan}.npy"
                 np.save(tmp / name, codes[rows.index.to_numpy()])
                 tables.append(pd.DataFrame({
-                    "subject": rows["participant"].to_numpy(), "scan": scan, "split": split,
+                    "subject": rows["subject"].to_numpy(), "scan": scan, "split": split,
                     "slice_index": rows["slice_index"].to_numpy(), "slice_position": rows["slice_position"].to_numpy(),
                     "file": name, "row": np.arange(len(rows)),
                 }))

@@ -76,7 +76,7 @@ rule slice_volume:
         "../envs/preprocess.yaml"
     threads: 1
     params:
-        participant=lambda wildcards: scan_info(wildcards.scan)["subject"],
+        subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
         source=SOURCE,
         # The whole section: its hash is stored in the file (config_hash), so any change reruns.
         preprocess=PREPROCESS,

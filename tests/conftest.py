@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
+from brainvq.data import write_slices_h5
 from brainvq.demo import synthetic_brain_slices  # noqa: F401 (tests import it from here)
 
 # CI has 2 cores; tests are tiny, so one thread avoids oversubscription when pytest runs in parallel.
@@ -17,17 +17,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_shard(path: Path, images, masks, scans, participants, slice_index, slice_position, split: str) -> Path:
+def write_shard(path: Path, images, masks, scans, subjects, slice_index, slice_position, split: str) -> Path:
     """Write one shard in the contract layout."""
-    n, h, w = images.shape
-    with h5py.File(path, "w") as f:
-        f.create_dataset("images", data=images.astype(np.float16), chunks=(1, h, w), compression="gzip")
-        f.create_dataset("masks", data=masks, chunks=(1, h, w), compression="gzip")
-        f.create_dataset("subject", data=np.array(scans, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("participant", data=np.array(participants, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("slice_index", data=np.asarray(slice_index, np.int32))
-        f.create_dataset("slice_position", data=np.asarray(slice_position, np.float32))
-        f.attrs.update(spacing_mm=1.0, size=h, source="synthetic", config_hash="test", split=split)
+    write_slices_h5(path, images.astype(np.float16), masks, scans, subjects, slice_index, slice_position,
+                    {"spacing_mm": 1.0, "size": images.shape[1], "source": "synthetic", "config_hash": "test",
+                     "split": split})
     return path
 
 

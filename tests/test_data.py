@@ -19,6 +19,7 @@ from brainvq.data import (
     LeakageError,
     ShardDataset,
     ShardError,
+    ShardFormatError,
     ShardSizeError,
     SplitError,
     make_split,
@@ -31,9 +32,9 @@ from brainvq.data import (
     subject_split,
     validation_subjects,
     write_shards,
+    write_slices_h5,
 )
 from brainvq.files import write_table_atomic
-from brainvq.io import write_slices_h5
 
 SPLIT = {"test_fraction": 0.1, "val_fraction": 0.1, "seed": 0, "stratify": None}
 
@@ -52,14 +53,14 @@ def cohort(n_subjects: int, sessions: int = 1, sites: tuple = ("Guys", "HH", "IO
     return scans, participants
 
 
-def write_scan_file(path: Path, scan: str, participant: str, n: int, size: int = 16, seed: int = 0,
+def write_scan_file(path: Path, scan: str, subject: str, n: int, size: int = 16, seed: int = 0,
                     reason: str = "") -> Path:
     """Write a slices/{scan}.h5 with the upstream writer; slice indices are stored in reverse order."""
     images, masks = synthetic_brain_slices(n, size, seed)
     index = np.arange(40 + n - 1, 39, -1)
     attrs = {"spacing_mm": 1.0, "size": size, "source": "synthetic", "config_hash": "abc", "split": "",
              "excluded_reason": reason, "excluded_stage": "skull_strip" if reason else ""}
-    write_slices_h5(path, images.astype(np.float16), masks, [scan] * n, [participant] * n, index,
+    write_slices_h5(path, images.astype(np.float16), masks, [scan] * n, [subject] * n, index,
                     (index - 40) / max(n - 1, 1), attrs)
     return path
 
@@ -248,13 +249,13 @@ def test_shards_hold_each_split_in_scan_then_slice_order_with_contract_layout(tm
     assert json.loads((folder / "manifest.json").read_text()) == manifest
     with h5py.File(folder / "test-000.h5", "r") as f:
         test_scans = sorted(table.loc[table["split"] == "test", "scan"])
-        assert list(f["subject"].asstr()[()]) == [s for s in test_scans for _ in range(3)]
+        assert list(f["scan"].asstr()[()]) == [s for s in test_scans for _ in range(3)]
         assert list(f["slice_index"][()]) == [40, 41, 42] * len(test_scans)
         assert f["images"].dtype == np.float16 and f["images"].chunks == (1, 16, 16)
         assert f["images"].compression == "gzip" and f["masks"].compression == "gzip"
         assert f["masks"].dtype == bool and f["slice_position"].dtype == np.float32
         assert f["slice_index"].dtype == np.int32
-        assert dict(f.attrs) == {**SHARD_ATTRS, "split": "test"}
+        assert dict(f.attrs) == {**SHARD_ATTRS, "split": "test", "format_version": 2}
         with h5py.File(files[test_scans[0]], "r") as source:  # slices reordered by slice index
             np.testing.assert_array_equal(f["images"][0], source["images"][2])
     assert manifest["splits"]["test"]["subjects"] == sorted(set(table.loc[table["split"] == "test", "subject"]))
@@ -397,3 +398,34 @@ def test_importing_brainvq_data_leaves_torch_and_sklearn_unloaded_for_light_per_
     code = "import sys, brainvq.data; print('torch' in sys.modules, 'sklearn' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_slices_file_with_no_slices_keeps_contract_layout(tmp_path):
+    path = tmp_path / "slices.h5"
+    write_slices_h5(path, np.zeros((0, 16, 16), np.float16), np.zeros((0, 16, 16), bool), [], [], [], [],
+                    {"excluded_reason": "empty mask", "size": 16})
+    with h5py.File(path) as f:
+        assert f["images"].shape == (0, 16, 16) and f["images"].chunks == (1, 16, 16)
+        assert f.attrs["excluded_reason"] == "empty mask"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_shard_of_the_old_format_is_refused_with_the_rerun_advice(tiny_shards):
+    path = tiny_shards / "train-000.h5"
+    with h5py.File(path, "a") as f:
+        f.move("subject", "participant")
+        f.move("scan", "subject")
+        del f.attrs["format_version"]
+    with pytest.raises(ShardFormatError, match="shard format 1.*--forcerun slice_volume"):
+        ShardDataset([path])
+
+
+def test_shard_reader_selects_by_subject_or_by_scan_never_mixing_the_two(tmp_path):
+    images, masks = synthetic_brain_slices(6, 16, 0)
+    path = write_slices_h5(tmp_path / "train-000.h5", images, masks, ["A_MR1", "A_MR1", "A_MR2", "A_MR2", "B", "B"],
+                           ["A", "A", "A", "A", "B", "B"], [0, 1, 0, 1, 0, 1], [0, 1, 0, 1, 0, 1], {"split": "train"})
+    assert len(ShardDataset([path], subjects={"A"})) == 4
+    assert len(ShardDataset([path], subjects={"A_MR1"})) == 0
+    assert len(ShardDataset([path], scans={"A_MR2"})) == 2
+    item = ShardDataset([path], scans={"B"})[0]
+    assert (item["scan"], item["subject"]) == ("B", "B")

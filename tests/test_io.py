@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -28,7 +27,6 @@ from brainvq.io import (
     discover_scans_with_exclusions,
     load_volume,
     read_scans_table,
-    write_slices_h5,
 )
 
 
@@ -370,13 +368,3 @@ def test_subjects_table_round_trips_empty_strings(tmp_path):
     scans.to_csv(tmp_path / "subjects.tsv", sep="\t", index=False)
     table = read_scans_table(tmp_path / "subjects.tsv")
     assert table.loc[0, "session"] == "" and table.loc[0, "orientation"] == ""
-
-
-def test_slices_file_with_no_slices_keeps_contract_layout(tmp_path):
-    path = tmp_path / "slices.h5"
-    write_slices_h5(path, np.zeros((0, 16, 16), np.float16), np.zeros((0, 16, 16), bool), [], [], [], [],
-                    {"excluded_reason": "empty mask", "size": 16})
-    with h5py.File(path) as f:
-        assert f["images"].shape == (0, 16, 16) and f["images"].chunks == (1, 16, 16)
-        assert f.attrs["excluded_reason"] == "empty mask"
-    assert not list(tmp_path.glob(".*tmp*"))

@@ -287,12 +287,12 @@ def tiny_run(tmp_path, shards_dir):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         meta = read_slice_metadata(shards_dir / f"{split}-000.h5")
-        for k, scan in enumerate(sorted(set(meta["subject"]))):
-            n = int((meta["subject"] == scan).sum())
+        for k, scan in enumerate(sorted(set(meta["scan"]))):
+            n = int((meta["scan"] == scan).sum())
             # Two code "dialects" so the code-histogram probe has something to find.
             codes = rng.integers(0, 4, (n, 8, 8)) + 4 * (k % 2)
             np.save(tmp_path / "codes" / split / f"{scan}.npy", codes.astype(np.int16))
-            positions = meta["slice_position"][meta["subject"] == scan]
+            positions = meta["slice_position"][meta["scan"] == scan]
             index += [{"subject": scan, "scan": scan, "split": split, "slice_index": i, "slice_position": positions[i],
                        "file": f"{split}/{scan}.npy", "row": i} for i in range(n)]
             rows.append({"scan": scan, "subject": scan, "session": "", "split": split,

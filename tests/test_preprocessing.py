@@ -351,7 +351,7 @@ def test_preprocess_rules_slice_a_local_folder_and_redo_only_new_scans(tmp_path)
     with h5py.File(results / "slices" / "sub02_MR1.h5") as f:
         assert f["images"].shape[1:] == (16, 16) and f["images"].shape[0] > 0
         assert f.attrs["excluded_reason"] == ""
-        assert set(f["participant"].asstr()[:]) == {"sub02"} and set(f["subject"].asstr()[:]) == {"sub02_MR1"}
+        assert set(f["subject"].asstr()[:]) == {"sub02"} and set(f["scan"].asstr()[:]) == {"sub02_MR1"}
     with h5py.File(results / "slices" / "sub03.h5") as f:
         assert f["images"].shape[0] == 0 and "empty mask" in f.attrs["excluded_reason"]
 

@@ -84,8 +84,8 @@ def test_training_writes_model_history_and_checkpoint_that_load_with_weights_onl
 def test_validation_uses_only_the_validation_subjects(run, monkeypatch):
     shards, split_csv, out = run
     data = training.training_data(shards, split_csv)
-    assert set(data.train.index["participant"]) == {"S00", "S01", "S02", "S03", "S04"}
-    assert set(data.validation.index["participant"]) == {"S05"}
+    assert set(data.train.index["subject"]) == {"S00", "S01", "S02", "S03", "S04"}
+    assert set(data.validation.index["subject"]) == {"S05"}
 
 
 def test_batches_depend_only_on_seed_and_step_and_cover_each_slice_once_per_epoch():

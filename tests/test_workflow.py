@@ -85,7 +85,7 @@ def test_bad_volumes_are_skipped_with_reasons_and_the_rest_become_leak_free_shar
             assert 0.0 <= images.min() and images.max() <= 1.0
             assert f["masks"].shape == images.shape
             brightest = max(brightest, float(images.max()))
-            subjects.setdefault(f.attrs["split"], set()).update(s.decode() for s in f["participant"][:])
+            subjects.setdefault(f.attrs["split"], set()).update(s.decode() for s in f["subject"][:])
     assert brightest > 0.9  # scaled to the full [0, 1] range at the subject's upper percentile
     assert subjects["train"] and subjects["test"]
     assert not subjects["train"] & subjects["test"]

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 
 from brainvq.config import config_hash
-from brainvq.io import write_slices_h5
+from brainvq.data import write_slices_h5
 from brainvq.preprocessing import scan_slices
 from brainvq.workflow import logged
 
@@ -19,7 +19,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         result["images"],
         result["masks"],
         [scan] * n,
-        [snakemake.params.participant] * n,
+        [snakemake.params.subject] * n,
         result["slice_index"],
         result["slice_position"],
         attrs={
