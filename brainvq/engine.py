@@ -508,7 +508,8 @@ def _nonfinite_message(task: Task, totals: dict, step: int, last_read: int, chec
     s = task.section
     return (f"training {what} became NaN/inf {when} (losses are read from the device every {s}.log_every steps "
             f"and before each checkpoint, so this is where it was noticed); {kept}. Lower {s}.lr, keep "
-            f"{s}.grad_clip set, or set {s}.amp false; delete the checkpoint to restart with new settings")
+            f"{s}.grad_clip set, or set {s}.amp false (new settings start a new run: the workflow moves the old "
+            "checkpoint aside; elsewhere delete it)")
 
 
 # -------------------------------------------------------------------------------------------------- loop

@@ -137,6 +137,25 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert not (out / "model.pt").exists()
 
 
+def test_nan_between_reading_steps_is_caught_at_the_next_one_and_never_checkpointed(run, monkeypatch):
+    shards, split_csv, out = run
+    real_loss = training.reconstruction_loss
+    calls = {"n": 0}
+
+    def nan_from_step_4(reconstruction, target, kind):
+        calls["n"] += 1
+        loss = real_loss(reconstruction, target, kind)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(training, "reconstruction_loss", nan_from_step_4)
+    # Losses are read at step 3 (checkpoint) and step 5 (history row): the NaN of step 4 is noticed at step 5.
+    with pytest.raises(NonFiniteLossError, match=r"between steps 4 and 5.*last good checkpoint"):
+        train_vqvae(tiny_section(log_every=5, checkpoint_every=3, val_every=100), shards, split_csv, out)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_cuda_out_of_memory_names_the_knobs_to_turn(run, monkeypatch):
     shards, split_csv, out = run
 
