@@ -40,7 +40,7 @@ from torch.utils.data import Sampler
 
 from brainvq.config import ConfigError
 from brainvq.files import atomic_path
-from brainvq.runtime import seed_everything, select_device
+from brainvq.runtime import autocast_context, seed_everything, select_device
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,12 @@ class Task(Protocol):
     def batches(self, sampler: StepBatchSampler, device: torch.device) -> Iterable:
         """Yield this process's batch of each step of ``sampler``, on ``device``."""
 
-    def loss_terms(self, module: torch.nn.Module, batch, step: int) -> tuple[dict, dict]:
-        """Return (weighted loss terms summed into the loss, other numbers to log): tensors on the device (or
-        Python numbers), never read on the host here. A number named ``*_counts`` may be a vector."""
+    def forward(self, module: torch.nn.Module, batch):
+        """Return the model's output for ``batch`` (called under bf16 autocast on CUDA when ``amp`` is on)."""
+
+    def loss_terms(self, output, batch, step: int) -> tuple[dict, dict]:
+        """Return (weighted loss terms summed into the loss, other numbers to log) from ``forward``'s output, in
+        float32 outside autocast: tensors on the device (or Python numbers), never read on the host here."""
 
     def history_values(self, totals: dict, steps: int, slices_per_s: float) -> dict:
         """Return history entries from ``totals``: the sums over ``steps`` steps (host tensors) of ``loss``,
@@ -598,7 +601,9 @@ def train(task: Task, out_dir: str | Path, stale: str = "refuse", stop_at_step: 
     try:
         for step, batch in zip(sampler.steps(), task.batches(sampler, device)):
             # One step: the task's loss terms, backward, clipped update. Nothing here waits for the device.
-            terms, numbers = task.loss_terms(module, batch, step)
+            with autocast_context(device, s["amp"]):
+                output = task.forward(module, batch)
+            terms, numbers = task.loss_terms(output, batch, step)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -385,11 +385,11 @@ class PriorTask:
     def batches(self, sampler: StepBatchSampler, device: torch.device):
         return device_batches(maps_on_device(self.train, device), sampler, device)
 
-    def loss_terms(self, module: torch.nn.Module, batch, step: int) -> tuple[dict, dict]:
-        codes, positions, labels = batch
-        with autocast_context(codes.device, self.settings["amp"]):
-            logits = module(codes, positions, labels)
-        return {"nll": F.cross_entropy(logits.float(), codes)}, {}
+    def forward(self, module: torch.nn.Module, batch) -> torch.Tensor:
+        return module(*batch)
+
+    def loss_terms(self, logits: torch.Tensor, batch, step: int) -> tuple[dict, dict]:
+        return {"nll": F.cross_entropy(logits.float(), batch[0])}, {}
 
     def history_values(self, totals: dict, steps: int, slices_per_s: float) -> dict:
         return {"train_nll_bits": float(totals["loss"]) / steps / math.log(2),

@@ -234,9 +234,11 @@ class VQVAETask:
             x = batch["image"].to(device, non_blocking=True)
             yield x.contiguous(memory_format=torch.channels_last) if self._channels_last(device) else x
 
-    def loss_terms(self, module: torch.nn.Module, x: torch.Tensor, step: int) -> tuple[dict, dict]:
-        with autocast_context(x.device, self.settings["amp"]):
-            reconstruction, aux = module(x)
+    def forward(self, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return module(x)
+
+    def loss_terms(self, output: tuple[torch.Tensor, dict], x: torch.Tensor, step: int) -> tuple[dict, dict]:
+        reconstruction, aux = output
         terms = vqvae_loss_terms(reconstruction, x, aux, self.settings, step)
         numbers = {name: aux[key] for key, name in (("perplexity", "perplexity"), ("restarted", "codes_restarted"),
                                                      ("kl", "kl")) if key in aux}

@@ -47,6 +47,18 @@ TRAIN_SCANS = [f"S{i:02d}" for i in range(6)]
 TEST_SCANS = ["T00", "T01"]
 
 
+def killed_at_step(task_class, step: int):
+    """Return a replacement for ``task_class.loss_terms`` that raises KeyboardInterrupt (a kill) at ``step``."""
+    real = task_class.loss_terms
+
+    def killed(self, output, batch, at: int):
+        if at == step:
+            raise KeyboardInterrupt("killed")
+        return real(self, output, batch, at)
+
+    return killed
+
+
 def tiny_vqvae_section(**overrides) -> dict:
     """The schema's vqvae section, shrunk to a model that trains on ``tiny_shards`` in seconds."""
     from brainvq.config import load_config

@@ -22,7 +22,7 @@ from brainvq.prior import (
     uniform_bits,
     unigram_bits,
 )
-from conftest import as_maps
+from conftest import as_maps, killed_at_step
 from conftest import tiny_pixelcnn_config as tiny_config
 from conftest import train_tiny_prior as train_tiny
 
@@ -131,19 +131,11 @@ def test_killed_training_resumes_to_the_same_weights_and_history_as_an_uninterru
     train, val = as_maps(codes), as_maps(codes[:4])
     # Checkpoints every 4 steps, history rows every 5: the kill falls between a checkpoint and a row.
     _, (straight, straight_history, _) = train_tiny(tmp_path, train, val, 8, name="straight", checkpoint_every=4)
-    real_terms = PriorTask.loss_terms
-
-    def killed_at_step_11(self, module, batch, step):
-        if step == 11:
-            raise KeyboardInterrupt("killed")
-        return real_terms(self, module, batch, step)
-
-    monkeypatch.setattr(PriorTask, "loss_terms", killed_at_step_11)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(PriorTask, "loss_terms", killed_at_step(PriorTask, 11))
         train_tiny(tmp_path, train, val, 8, name="killed", checkpoint_every=4)
     killed = tmp_path / "killed"
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["step"] == 8 and not (killed / "model.pt").exists()
-    monkeypatch.setattr(PriorTask, "loss_terms", real_terms)
     train_tiny(tmp_path, train, val, 8, name="killed", checkpoint_every=4)
 
     a, b = (torch.load(path, weights_only=True)["model"] for path in (straight, killed / "model.pt"))

@@ -18,7 +18,7 @@ from brainvq.training import (
     ssim_per_image,
     train_vqvae,
 )
-from conftest import synthetic_brain_slices, write_shard, write_split_csv
+from conftest import killed_at_step, synthetic_brain_slices, write_shard, write_split_csv
 from conftest import tiny_vqvae_section as tiny_section
 
 torch.set_num_threads(1)
@@ -69,19 +69,11 @@ def test_killed_and_resumed_training_ends_with_the_same_weights_as_an_uninterrup
     section = tiny_section(workers=1, steps=7, checkpoint_every=3)
     train_vqvae(section, tiny_shards, split_csv, tmp_path / "a")
 
-    real_step = VQVAETask.loss_terms
-
-    def killed_at_step_5(self, module, x, step):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, module, x, step)
-
-    monkeypatch.setattr(VQVAETask, "loss_terms", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(VQVAETask, "loss_terms", killed_at_step(VQVAETask, 5))
         train_vqvae(section, tiny_shards, split_csv, tmp_path / "b")
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 3
     assert not (tmp_path / "b" / "model.pt").exists()
-    monkeypatch.setattr(VQVAETask, "loss_terms", real_step)
     train_vqvae(section, tiny_shards, split_csv, tmp_path / "b")
 
     assert_same_weights(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "b" / "model.pt"))
@@ -118,17 +110,22 @@ def test_settings_that_do_not_change_the_weights_do_not_block_resuming(run):
     assert (out / "model.pt").exists()
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(run, monkeypatch):
-    shards, split_csv, out = run
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """Make the reconstruction loss of training step ``step`` NaN (only training steps call it)."""
     real_loss = training.reconstruction_loss
     calls = {"n": 0}
 
-    def nan_at_step_3(reconstruction, target, kind):
+    def nan_at_step(reconstruction, target, kind):
         calls["n"] += 1
         loss = real_loss(reconstruction, target, kind)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        return loss * float("nan") if calls["n"] == step else loss
 
-    monkeypatch.setattr(training, "reconstruction_loss", nan_at_step_3)
+    monkeypatch.setattr(training, "reconstruction_loss", nan_at_step)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(run, monkeypatch):
+    shards, split_csv, out = run
+    nan_loss_at_step(monkeypatch, 3)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*last good checkpoint.*vqvae.lr"):
         train_vqvae(tiny_section(), shards, split_csv, out)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -139,15 +136,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 
 def test_nan_between_reading_steps_is_caught_at_the_next_one_and_never_checkpointed(run, monkeypatch):
     shards, split_csv, out = run
-    real_loss = training.reconstruction_loss
-    calls = {"n": 0}
-
-    def nan_from_step_4(reconstruction, target, kind):
-        calls["n"] += 1
-        loss = real_loss(reconstruction, target, kind)
-        return loss * float("nan") if calls["n"] >= 4 else loss
-
-    monkeypatch.setattr(training, "reconstruction_loss", nan_from_step_4)
+    nan_loss_at_step(monkeypatch, 4)
     # Losses are read at step 3 (checkpoint) and step 5 (history row): the NaN of step 4 is noticed at step 5.
     with pytest.raises(NonFiniteLossError, match=r"between steps 4 and 5.*last good checkpoint"):
         train_vqvae(tiny_section(log_every=5, checkpoint_every=3, val_every=100), shards, split_csv, out)
@@ -159,7 +148,7 @@ def test_nan_between_reading_steps_is_caught_at_the_next_one_and_never_checkpoin
 def test_cuda_out_of_memory_names_the_knobs_to_turn(run, monkeypatch):
     shards, split_csv, out = run
 
-    def out_of_memory(self, module, x, step):
+    def out_of_memory(self, output, x, step):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(VQVAETask, "loss_terms", out_of_memory)
