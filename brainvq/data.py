@@ -543,6 +543,9 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
             raise ShardError(f"split {split!r} has no slices to write (scans: {scans}); check qc/excluded.csv")
     image_shape = _common_image_shape({Path(slice_files[scan]): m["shape"] for scan, m in metadata.items()
                                        if m["shape"][0] > 0})
+    if "pixel_mm" in attrs:
+        check_pixel_size([Path(slice_files[scan]) for scan, m in metadata.items() if m["shape"][0] > 0],
+                         float(attrs["pixel_mm"]))
 
     cache: dict[str, dict] = {}
 
@@ -615,6 +618,19 @@ def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, in
         )
     (size,) = distinct
     return size
+
+
+def check_pixel_size(paths: Iterable[Path], pixel_mm: float) -> None:
+    """Raise ShardSizeError naming the slices files whose ``pixel_mm`` attribute differs from ``pixel_mm``."""
+    odd = []
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("pixel_mm")
+        if value is not None and not np.isclose(float(value), pixel_mm):
+            odd.append(f"{path} ({float(value):g} mm)")
+    if odd:
+        raise ShardSizeError(f"slices files with another pixel size than the run's {pixel_mm:g} mm: {odd[:5]}; "
+                             "they were cut under other preprocess settings. Re-run slice_volume for them")
 
 
 def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, int]:
