@@ -154,7 +154,8 @@ def read_samples(path: str | Path) -> dict:
 
 
 def code_maps_by_scan(codes_dir: str | Path, index: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Return each scan's code maps ``(n_slices, h, w)`` listed in ``index`` (codes/index.csv rows), in ``row`` order."""
+    """Return each scan's code maps ``(n_slices, h, w)`` listed in ``index`` (codes/index.csv rows), in ``row``
+    order."""
     index = index.sort_values(["scan", "row"], ignore_index=True)
     codes = load_code_rows(codes_dir, index)
     return {scan: codes[rows.to_numpy()] for scan, rows in index.groupby("scan", sort=True).groups.items()}
@@ -349,6 +350,11 @@ def anomaly_evaluation(model, images: np.ndarray, masks: np.ndarray, device, set
     return metrics, figures
 
 
+def stacked_features(features: Mapping[str, np.ndarray], scans) -> np.ndarray:
+    """Return the feature vectors of ``scans`` stacked ``(n, D)``, or ``(0, 1)`` for no scan."""
+    return np.stack([features[s] for s in scans]) if len(scans) else np.zeros((0, 1))
+
+
 def probe_evaluation(split_df: pd.DataFrame, codes: Mapping[str, np.ndarray], image_features: Mapping[str, np.ndarray],
                      codebook_size: int, spec: str, settings: dict) -> dict:
     """Return the probe's target and AUROC from code histograms and from downsampled images."""
@@ -362,10 +368,9 @@ def probe_evaluation(split_df: pd.DataFrame, codes: Mapping[str, np.ndarray], im
     for name, features in (("codes", {s: code_histogram(codes[s], codebook_size) for s in table["scan"]}),
                            ("raw_images", image_features)):
         result[name] = probe_auroc(
-            np.stack([features[s] for s in train["scan"]]) if len(train) else np.zeros((0, 1)),
-            train["label"].to_numpy(int), np.stack([features[s] for s in test["scan"]]) if len(test) else np.zeros((0, 1)),
-            test["label"].to_numpy(int), train["subject"].to_numpy(), settings["probe_cv_folds"],
-            settings["probe_n_cs"], settings["seed"])
+            stacked_features(features, train["scan"]), train["label"].to_numpy(int),
+            stacked_features(features, test["scan"]), test["label"].to_numpy(int), train["subject"].to_numpy(),
+            settings["probe_cv_folds"], settings["probe_n_cs"], settings["seed"])
     return result
 
 

@@ -41,7 +41,8 @@ class ProbeTarget:
         return self.column if self.threshold is None else f"{self.column}>{self.threshold}"
 
 
-_PROBE_RULE = re.compile(r"^\s*(?P<column>[A-Za-z_][A-Za-z0-9_]*)\s*(?:>\s*(?P<threshold>median|[-+]?\d+(?:\.\d*)?)\s*)?$")
+_PROBE_RULE = re.compile(
+    r"^\s*(?P<column>[A-Za-z_][A-Za-z0-9_]*)\s*(?:>\s*(?P<threshold>median|[-+]?\d+(?:\.\d*)?)\s*)?$")
 
 
 def parse_probe_target(spec: str) -> ProbeTarget:
