@@ -4,7 +4,7 @@
 rule report:
     input:
         metrics=out("eval/metrics.json"),
-        per_subject=out("eval/per_subject.csv"),
+        per_scan=out("eval/per_scan.csv"),
         figures=out("eval/figures.npz"),
         vqvae_history=out("vqvae/history.csv"),
         prior_history=out("prior/history.csv"),

@@ -8,7 +8,7 @@ from brainvq.workflow import logged
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     inputs = ReportInputs(
         metrics_json=Path(snakemake.input.metrics),
-        per_subject_csv=Path(snakemake.input.per_subject),
+        per_scan_csv=Path(snakemake.input.per_scan),
         figures_npz=Path(snakemake.input.figures),
         vqvae_history=Path(snakemake.input.vqvae_history),
         prior_history=Path(snakemake.input.prior_history),
