@@ -1,4 +1,4 @@
-"""Rule evaluate's orchestration (brainvq/evaluation.py): a whole evaluation on tiny files made in each test."""
+"""Rule evaluate's orchestration (brainvq/evaluation/): a whole evaluation on tiny files made in each test."""
 
 from __future__ import annotations
 
