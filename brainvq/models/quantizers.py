@@ -53,6 +53,12 @@ def _broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def check_codebook_size(codebook_size: int) -> None:
+    """Raise :class:`QuantizerConfigError` unless ``codebook_size`` codes fit the int16 code files."""
+    if not 2 <= codebook_size <= 32767:
+        raise QuantizerConfigError(f"codebook_size={codebook_size}: must be in [2, 32767] (codes are stored as int16)")
+
+
 def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
     """Return ``exp(entropy)`` of the code histogram ``counts`` (1 = one code used, K = uniform use, 0 = none)."""
     total = counts.sum()
@@ -74,7 +80,7 @@ def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
 
 
 def nearest_code_indices(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Return the index of the code in ``codebook`` (K, d) nearest (squared Euclidean) to each row of ``rows`` (N, d)."""
+    """Return the index of the nearest (squared Euclidean) code in ``codebook`` (K, d) for each row (N, d)."""
     distances = rows.pow(2).sum(1, keepdim=True) - 2 * rows @ codebook.t() + codebook.pow(2).sum(1)[None]
     return distances.argmin(dim=1)
 
@@ -226,10 +232,7 @@ class VectorQuantizer(KMeansInitialized):
         spatial_dims: int = 2,
     ):
         super().__init__()
-        if not 2 <= codebook_size <= 32767:
-            raise QuantizerConfigError(
-                f"codebook_size={codebook_size}: must be in [2, 32767] (codes are stored as int16)"
-            )
+        check_codebook_size(codebook_size)
         if not 0.0 <= decay < 1.0:
             raise QuantizerConfigError(f"decay={decay}: must be in [0, 1)")
         self.codebook_size = codebook_size

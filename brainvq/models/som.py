@@ -37,6 +37,7 @@ from brainvq.models.quantizers import (
     KMeansInitialized,
     QuantizerConfigError,
     all_reduce_sum,
+    check_codebook_size,
     code_counts,
     kmeans_codebook,
     nearest_code_indices,
@@ -140,10 +141,7 @@ class SOMQuantizer(KMeansInitialized):
         spatial_dims: int = 2,
     ):
         super().__init__()
-        if not 2 <= codebook_size <= 32767:
-            raise QuantizerConfigError(
-                f"codebook_size={codebook_size}: must be in [2, 32767] (codes are stored as int16)"
-            )
+        check_codebook_size(codebook_size)
         rows, columns = grid if grid is not None else most_square_grid(codebook_size)
         if rows < 1 or columns < 1 or rows * columns != codebook_size:
             raise QuantizerConfigError(

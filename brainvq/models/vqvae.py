@@ -269,31 +269,30 @@ def build_bottleneck(section: dict, spatial_dims: int = 2) -> nn.Module:
     """Return the bottleneck named by ``section["bottleneck"]``, configured from the ``vqvae`` section."""
     kind = section["bottleneck"]
     dim = section["latent_dim"]
+    # What the learned codebooks (vq, som) read alike.
+    codebook = dict(
+        codebook_size=section["codebook_size"],
+        dim=dim,
+        commitment_weight=section["commitment_weight"],
+        kmeans_init=section["kmeans_init"],
+        kmeans_iters=section["kmeans_iters"],
+        spatial_dims=spatial_dims,
+    )
     if kind == "vq":
         return VectorQuantizer(
-            codebook_size=section["codebook_size"],
-            dim=dim,
             codebook_dim=section["codebook_dim"],
-            commitment_weight=section["commitment_weight"],
             decay=section["ema_decay"],
-            kmeans_init=section["kmeans_init"],
-            kmeans_iters=section["kmeans_iters"],
             dead_code_steps=section["dead_code_steps"],
             l2_normalize=section["l2_normalize"],
-            spatial_dims=spatial_dims,
+            **codebook,
         )
     if kind == "som":
         return SOMQuantizer(
-            codebook_size=section["codebook_size"],
-            dim=dim,
             grid=section["som_grid"],
             topology=section["som_topology"],
-            commitment_weight=section["commitment_weight"],
             neighbour_weight=section["som_neighbour_weight"],
             straight_through=section["som_straight_through"],
-            kmeans_init=section["kmeans_init"],
-            kmeans_iters=section["kmeans_iters"],
-            spatial_dims=spatial_dims,
+            **codebook,
         )
     if kind == "fsq":
         return FiniteScalarQuantizer(levels=section["fsq_levels"], dim=dim, spatial_dims=spatial_dims)
