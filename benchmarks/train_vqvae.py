@@ -171,8 +171,8 @@ def train_and_evaluate(name: str, args, shards: dict, queue) -> None:
     from torch.utils.data import DataLoader
 
     from brainvq.data import ShardDataset
-    from brainvq.metrics import brain_masked_ssim, mse_and_psnr_db, ssim
     from brainvq.engine import StepBatchSampler
+    from brainvq.measures.similarity import brain_masked_ssim, mse_and_psnr_db, ssim
     from brainvq.runtime import autocast_context, select_device
 
     torch.set_num_threads(args.threads)

@@ -238,10 +238,11 @@ def held_out_subjects(subjects: Sequence[str], fraction: float, seed: int,
     return set(subjects[out_index])
 
 
-def stratify_column(split_config: dict, source: str) -> str | None:
-    """Return the participants column to stratify by: ``split.stratify``, or its per-source default for 'auto'."""
+def stratify_column(split_config: dict, source_defaults: dict) -> str | None:
+    """Return the participants column to stratify by: ``split.stratify``, or for 'auto' the source's
+    (``source_defaults``: ``Source.defaults``)."""
     if split_config["stratify"] == "auto":
-        return split_config["stratify_by_source"].get(source)
+        return source_defaults["stratify"]
     return split_config["stratify"]
 
 
@@ -543,6 +544,9 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
             raise ShardError(f"split {split!r} has no slices to write (scans: {scans}); check qc/excluded.csv")
     image_shape = _common_image_shape({Path(slice_files[scan]): m["shape"] for scan, m in metadata.items()
                                        if m["shape"][0] > 0})
+    if "pixel_mm" in attrs:
+        check_pixel_size([Path(slice_files[scan]) for scan, m in metadata.items() if m["shape"][0] > 0],
+                         float(attrs["pixel_mm"]))
 
     cache: dict[str, dict] = {}
 
@@ -615,6 +619,19 @@ def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, in
         )
     (size,) = distinct
     return size
+
+
+def check_pixel_size(paths: Iterable[Path], pixel_mm: float) -> None:
+    """Raise ShardSizeError naming the slices files whose ``pixel_mm`` attribute differs from ``pixel_mm``."""
+    odd = []
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("pixel_mm")
+        if value is not None and not np.isclose(float(value), pixel_mm):
+            odd.append(f"{path} ({float(value):g} mm)")
+    if odd:
+        raise ShardSizeError(f"slices files with another pixel size than the run's {pixel_mm:g} mm: {odd[:5]}; "
+                             "they were cut under other preprocess settings. Re-run slice_volume for them")
 
 
 def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, int]:

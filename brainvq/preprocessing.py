@@ -252,12 +252,43 @@ def intensity_window(volume: np.ndarray, mask: np.ndarray, clip_percentiles) -> 
     return float(low), float(high)
 
 
-def square_padded(stack: np.ndarray) -> np.ndarray:
-    """Return (N, H, W) zero-padded, centred, to (N, S, S) with S = max(H, W)."""
-    _, h, w = stack.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    return np.pad(stack, ((0, 0), (top, side - h - top), (left, side - w - left)))
+def window_voxels(settings: dict) -> int:
+    """Return the side, in voxels at ``spacing_mm``, of the square in-plane window every slice is cut to."""
+    return max(1, round(settings["field_of_view_mm"] / settings["spacing_mm"]))
+
+
+def pixel_mm(settings: dict) -> float:
+    """Return the in-plane pixel size of every slice of a run: the window's physical side over ``size``."""
+    return window_voxels(settings) * settings["spacing_mm"] / settings["size"]
+
+
+def in_plane_window(mask: np.ndarray, side_vox: int | None = None) -> tuple[int, int, int]:
+    """Return ``(top row, left column, side)`` of the square window of axial-image pixels that slices are cut to.
+
+    The window is centred on the bounding box of the whole 3D ``mask`` seen from above (one window for every
+    slice of a scan, so slices stay aligned). ``side_vox`` None takes the larger in-plane side of the volume.
+    Coordinates are those of :func:`axial_stack` images (rows anterior to posterior, columns left to right);
+    the window may reach outside the image, where it is zero-padded.
+    """
+    image_rows, image_cols = mask.shape[1], mask.shape[0]  # axial images are (A, R): rot90 of (R, A)
+    side = max(image_rows, image_cols) if side_vox is None else int(side_vox)
+    footprint = np.rot90(np.asarray(mask, bool).any(axis=2))
+    rows, cols = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    if rows.size == 0:
+        raise EmptyMaskError("the mask is empty: no window can be centred on it")
+    centre_row, centre_col = (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    return int(round(centre_row - side / 2)), int(round(centre_col - side / 2)), side
+
+
+def windowed(stack: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
+    """Return the ``side`` x ``side`` window at (``top``, ``left``) of every image in (N, H, W), zero outside."""
+    n, h, w = stack.shape
+    out = np.zeros((n, side, side), stack.dtype)
+    r0, r1 = max(top, 0), min(top + side, h)
+    c0, c1 = max(left, 0), min(left + side, w)
+    if r1 > r0 and c1 > c0:
+        out[:, r0 - top:r1 - top, c0 - left:c1 - left] = stack[:, r0:r1, c0:c1]
+    return out
 
 
 def axial_stack(volume: np.ndarray, indices) -> np.ndarray:
@@ -269,19 +300,22 @@ def axial_stack(volume: np.ndarray, indices) -> np.ndarray:
 
 
 def normalised_slices(
-    volume: np.ndarray, mask: np.ndarray, indices, clip_percentiles, size: int
+    volume: np.ndarray, mask: np.ndarray, indices, clip_percentiles, size: int, window_vox: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (images, masks, positions) of the selected axial slices, ready for the shards.
 
     Intensities are clipped at the foreground's ``clip_percentiles`` over the whole volume
-    (one window per subject), scaled to [0, 1] and set to 0 outside the mask; slices are padded
-    to a square (centred) and resized to ``size`` with anti-aliasing.
+    (one window per subject), scaled to [0, 1] and set to 0 outside the mask; slices are cut (cropped
+    or zero-padded) to the square :func:`in_plane_window` centred on the mask, then resized to ``size``
+    with anti-aliasing. With a fixed ``window_vox`` every scan of a run gets one pixel size in mm.
 
     Args:
         volume: 3D RAS volume; mask: 3D boolean mask on the same grid.
         indices: axial indices (from ``select_axial_slices``).
         clip_percentiles: (low, high) percentiles of the mask's voxels.
         size: output side in pixels.
+        window_vox: side of the in-plane window in voxels (``window_voxels(settings)``); None = the
+            larger in-plane side of the volume.
 
     Returns:
         images (N, size, size) float32 in [0, 1]; masks (N, size, size) bool;
@@ -296,8 +330,9 @@ def normalised_slices(
     # A flat foreground would divide by zero; it maps to 0 instead.
     scaled = (np.clip(volume, low, high) - low) / max(high - low, np.finfo(np.float32).eps)
     scaled = np.where(mask, scaled, 0.0).astype(np.float32)
-    images = square_padded(axial_stack(scaled, indices))
-    masks = square_padded(axial_stack(mask.astype(np.float32), indices))
+    top, left, side = in_plane_window(mask, window_vox)
+    images = windowed(axial_stack(scaled, indices), top, left, side)
+    masks = windowed(axial_stack(mask.astype(np.float32), indices), top, left, side)
     n = images.shape[0]
     if n == 0:
         return np.zeros((0, size, size), np.float32), np.zeros((0, size, size), bool), positions
@@ -317,12 +352,15 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
 
     Returns:
         dict with ``images`` (N, size, size) in ``settings['dtype']``, ``masks``, ``slice_index`` (int32),
-        ``slice_position`` (float32), ``excluded_stage`` and ``excluded_reason`` ('' when kept).
+        ``slice_position`` (float32), ``excluded_stage`` and ``excluded_reason`` ('' when kept), and the
+        slices' geometry: ``pixel_mm`` and ``window`` (top row, left column, side in voxels of the axial
+        images of the RAS volume; all -1 when excluded), which maps slice pixels back to RAS voxels.
     """
     size = settings["size"]
     mask = np.asarray(mask, bool)
     stage, reason = "", ""
     indices = np.zeros(0, np.int64)
+    window = (-1, -1, -1)
     if not mask.any():
         stage, reason = "skull_strip", f"empty mask after skull_strip={settings['skull_strip']}"
     else:
@@ -334,7 +372,9 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
     if reason:
         images, masks, positions = np.zeros((0, size, size)), np.zeros((0, size, size), bool), np.zeros(0)
     else:
-        images, masks, positions = normalised_slices(volume, mask, indices, settings["clip_percentiles"], size)
+        window = in_plane_window(mask, window_voxels(settings))
+        images, masks, positions = normalised_slices(volume, mask, indices, settings["clip_percentiles"], size,
+                                                     window_voxels(settings))
     return {
         "images": images.astype(settings["dtype"]),
         "masks": masks,
@@ -342,4 +382,6 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
         "slice_position": positions.astype(np.float32),
         "excluded_stage": stage,
         "excluded_reason": reason,
+        "pixel_mm": pixel_mm(settings),
+        "window": np.asarray(window, np.int64),
     }

@@ -43,7 +43,7 @@ STYLE = {
 }
 FIGURE_NAMES = ("training_curves", "reconstructions", "ssim_distribution", "codebook_usage", "samples_vs_real",
                 "memorisation", "anomaly_maps")
-# The arrays of eval/figures.npz (written by brainvq.metrics.evaluate_run) that the figures draw.
+# The arrays of eval/figures.npz (written by brainvq.evaluation.evaluate_run) that the figures draw.
 FIGURE_ARRAYS = (
     "examples_label", "examples_scan", "examples_ssim_brain", "examples_position", "examples_original",
     "examples_reconstruction", "examples_error", "codebook_counts", "samples_images", "samples_positions",
@@ -121,7 +121,7 @@ class ReportInputs:
     """The files the report reads (see docs/architecture.md)."""
 
     metrics_json: Path
-    per_subject_csv: Path
+    per_scan_csv: Path
     figures_npz: Path
     vqvae_history: Path
     prior_history: Path
@@ -208,12 +208,13 @@ def formatted(value, kind: str = "float") -> str:
 
 
 def reconstruction_table(metrics: dict) -> pd.DataFrame:
-    """Return the reconstruction metrics: one row each, mean/median/5th percentile over slices and subjects."""
+    """Return the reconstruction metrics: one row each, mean/median/5th percentile over slices, scans and
+    subjects."""
     rows = []
     for key, (label, meaning) in RECONSTRUCTION_MEANINGS.items():
         stats = metric_value(metrics, ("reconstruction", key)) or {}
         row = {"Metric": label}
-        for unit, name in (("over_slices", "slices"), ("over_subjects", "subjects")):
+        for unit, name in (("over_slices", "slices"), ("over_scans", "scans"), ("over_subjects", "subjects")):
             for stat, stat_name in (("mean", "mean"), ("median", "median"), ("p5", "5th pct")):
                 row[f"{name}: {stat_name}"] = formatted((stats.get(unit) or {}).get(stat))
         row["Meaning"] = meaning
@@ -307,7 +308,7 @@ def training_curves_figure(histories: dict[str, pd.DataFrame]) -> Figure:
 
 
 def reconstruction_grid_figure(arrays: dict) -> Figure:
-    """Return original / reconstruction / |error| for the best, median and worst test subjects."""
+    """Return original / reconstruction / |error| for the best, median and worst test scans."""
     labels = arrays["examples_label"]
     fig = _new_figure(7.5, 2.5 * len(labels))
     with matplotlib.rc_context(STYLE):
@@ -326,22 +327,22 @@ def reconstruction_grid_figure(arrays: dict) -> Figure:
     return fig
 
 
-def ssim_distribution_figure(per_subject: pd.DataFrame) -> Figure:
-    """Return the distribution over test subjects of the mean brain-masked SSIM (histogram with each subject)."""
+def ssim_distribution_figure(per_scan: pd.DataFrame) -> Figure:
+    """Return the distribution over test scans of the mean brain-masked SSIM (histogram with each scan)."""
     fig = _new_figure(5.5, 3)
     with matplotlib.rc_context(STYLE):
         ax = fig.subplots()
-        values = pd.to_numeric(per_subject.get("ssim_brain", pd.Series(dtype=float)), errors="coerce").dropna()
+        values = pd.to_numeric(per_scan.get("ssim_brain", pd.Series(dtype=float)), errors="coerce").dropna()
         if values.empty:
-            _no_data(ax, "no per-subject metrics")
+            _no_data(ax, "no per-scan metrics")
             return fig
-        ax.hist(values, bins=min(30, max(5, len(values) // 2)), color="#1f77b4", alpha=0.6, label="subjects")
-        ax.plot(values, np.zeros(len(values)), "|", color="k", markersize=14, label="one subject")
+        ax.hist(values, bins=min(30, max(5, len(values) // 2)), color="#1f77b4", alpha=0.6, label="scans")
+        ax.plot(values, np.zeros(len(values)), "|", color="k", markersize=14, label="one scan")
         ax.axvline(values.mean(), color="#d62728", label=f"mean {values.mean():.3f}")
         ax.axvline(values.median(), color="#2ca02c", linestyle="--", label=f"median {values.median():.3f}")
-        ax.set_xlabel("brain-box SSIM, mean over a subject's slices (unitless)")
-        ax.set_ylabel("test subjects (count)")
-        ax.set_title(f"Per-subject reconstruction quality (n = {len(values)})")
+        ax.set_xlabel("brain-box SSIM, mean over a scan's slices (unitless)")
+        ax.set_ylabel("test scans (count)")
+        ax.set_title(f"Per-scan reconstruction quality (n = {len(values)})")
         ax.legend(loc="upper left")
     return fig
 
@@ -423,13 +424,13 @@ def anomaly_figure(arrays: dict) -> Figure:
     return fig
 
 
-def report_figures(metrics: dict, arrays: dict, per_subject: pd.DataFrame,
+def report_figures(metrics: dict, arrays: dict, per_scan: pd.DataFrame,
                    histories: dict[str, pd.DataFrame]) -> dict[str, Figure]:
     """Return every report figure by name (``FIGURE_NAMES``)."""
     return {
         "training_curves": training_curves_figure(histories),
         "reconstructions": reconstruction_grid_figure(arrays),
-        "ssim_distribution": ssim_distribution_figure(per_subject),
+        "ssim_distribution": ssim_distribution_figure(per_scan),
         "codebook_usage": codebook_usage_figure(arrays["codebook_counts"], metrics.get("codebook", {})),
         "samples_vs_real": samples_vs_real_figure(arrays),
         "memorisation": memorisation_figure(arrays["memorisation_highest_ssim"],
@@ -520,7 +521,7 @@ def render_report(context: dict) -> str:
 
 
 def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figures_dir: str | Path,
-                 repo_dir: str | Path | None = None) -> Path:
+                 repo_dir: str | Path | None = None, *, attribution_html: str) -> Path:
     """Write ``figures_dir/<name>.png`` for each of ``FIGURE_NAMES`` and the self-contained ``html_path``.
 
     Args:
@@ -529,13 +530,14 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         html_path: the HTML file, written last and atomically so a failure never leaves a page that looks done.
         figures_dir: folder for the PNG copies of the figures.
         repo_dir: the checkout whose git commit is reported (default: this package's parent folder).
+        attribution_html: the data source's attribution (``Source.attribution_html``), shown as given.
 
     Returns:
         ``html_path``.
     """
     settings = config["report"]
     metrics = read_metrics(inputs.metrics_json)
-    per_subject = read_table(inputs.per_subject_csv, "eval/per_subject.csv (evaluate)")
+    per_scan = read_table(inputs.per_scan_csv, "eval/per_scan.csv (evaluate)")
     split_df = read_table(inputs.split_csv, "split.csv (split)")
     excluded = read_table(inputs.excluded_csv, "qc/excluded.csv (split)")
     histories = {"vqvae": read_table(inputs.vqvae_history, "vqvae/history.csv (train_vqvae)"),
@@ -543,21 +545,21 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
     arrays = read_figure_arrays(inputs.figures_npz)
 
     figures = {}
-    for name, fig in report_figures(metrics, arrays, per_subject, histories).items():
+    for name, fig in report_figures(metrics, arrays, per_scan, histories).items():
         png = figure_png(fig, settings["figure_dpi"])
         write_bytes_atomic(Path(figures_dir) / f"{name}.png", png)
         figures[name] = data_uri(png)
 
     excluded_html, excluded_left_out = html_table(excluded, settings["max_table_rows"])
-    subject_columns = [c for c in ("scan", "subject", "n_slices", "ssim_brain", "psnr_brain_db", "ms_ssim_brain")
-                       if c in per_subject.columns]
-    per_subject_html, per_subject_left_out = html_table(
-        per_subject[subject_columns].sort_values("ssim_brain") if "ssim_brain" in subject_columns else per_subject,
+    scan_columns = [c for c in ("scan", "subject", "n_slices", "ssim_brain", "psnr_brain_db", "ms_ssim_brain")
+                    if c in per_scan.columns]
+    per_scan_html, per_scan_left_out = html_table(
+        per_scan[scan_columns].sort_values("ssim_brain") if "ssim_brain" in scan_columns else per_scan,
         settings["max_table_rows"])
     context = {
         "title": settings["title"],
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "source": config["dataset"]["source"],
+        "attribution_html": attribution_html,
         "summary": run_summary(config, split_df, excluded, metrics),
         "reconstruction_table": html_table(reconstruction_table(metrics))[0],
         "metrics_table": html_table(metrics_table(metrics))[0],
@@ -566,7 +568,7 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         "fd_label": metric_value(metrics, ("generation", "frechet_distance", "label")) or "FD",
         "ms_ssim_window_px": metrics.get("ms_ssim_window_px"),
         "figures": figures,
-        "per_subject_table": per_subject_html, "per_subject_left_out": per_subject_left_out,
+        "per_scan_table": per_scan_html, "per_scan_left_out": per_scan_left_out,
         "excluded_table": excluded_html, "excluded_left_out": excluded_left_out, "n_excluded": len(excluded),
         "montages": montage_entries(inputs.montages, excluded, split_df, settings["max_montages"]),
         "samples_grid": data_uri(Path(inputs.samples_grid).read_bytes()) if inputs.samples_grid else None,

@@ -15,9 +15,9 @@ rule evaluate:
             caption="../report/metrics.rst",
             category="Evaluation",
         ),
-        per_subject=report(
-            out("eval/per_subject.csv"),
-            caption="../report/per_subject.rst",
+        per_scan=report(
+            out("eval/per_scan.csv"),
+            caption="../report/per_scan.rst",
             category="Evaluation",
         ),
         per_slice=out("eval/per_slice.csv"),
@@ -34,6 +34,7 @@ rule evaluate:
     params:
         evaluate=config["evaluate"],
         bottleneck=config["vqvae"]["bottleneck"],
-        source=SOURCE,
+        # What evaluate.probe_target 'auto' means for this source.
+        source_defaults=SOURCE.defaults,
     script:
         "../workflow_scripts/evaluate.py"

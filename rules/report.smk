@@ -4,7 +4,7 @@
 rule report:
     input:
         metrics=out("eval/metrics.json"),
-        per_subject=out("eval/per_subject.csv"),
+        per_scan=out("eval/per_scan.csv"),
         figures=out("eval/figures.npz"),
         vqvae_history=out("vqvae/history.csv"),
         prior_history=out("prior/history.csv"),
@@ -66,5 +66,6 @@ rule report:
     params:
         # The whole config: the report prints it, so any change re-renders the report.
         config=config,
+        attribution_html=SOURCE.attribution_html,
     script:
         "../workflow_scripts/report.py"

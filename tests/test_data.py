@@ -429,3 +429,14 @@ def test_shard_reader_selects_by_subject_or_by_scan_never_mixing_the_two(tmp_pat
     assert len(ShardDataset([path], scans={"A_MR2"})) == 2
     item = ShardDataset([path], scans={"B"})[0]
     assert (item["scan"], item["subject"]) == ("B", "B")
+
+
+def test_shards_refuse_slices_cut_at_another_pixel_size(tmp_path):
+    table = small_split()
+    files = scan_files(tmp_path / "slices", table, n=2)
+    odd = sorted(files)[0]
+    with h5py.File(files[odd], "a") as f:
+        f.attrs["pixel_mm"] = 2.5
+    with pytest.raises(ShardSizeError, match=f"{odd}.*2.5 mm"):
+        write_shards(table, files, tmp_path / "shards", 100, "float16", {**SHARD_ATTRS, "pixel_mm": 1.875})
+    assert not (tmp_path / "shards").exists()

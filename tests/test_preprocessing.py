@@ -319,6 +319,48 @@ def test_scan_slices_keeps_a_normal_scan_in_configured_dtype():
     assert result["slice_index"].dtype == np.int32
 
 
+def sphere_scan(shape, zooms, oblique_deg: float, radius_mm: float, offset_mm) -> nib.Nifti1Image:
+    """A raw volume of ``shape``/``zooms`` holding a sphere of ``radius_mm`` at ``offset_mm`` from the grid centre,
+    its voxel axes rotated by ``oblique_deg`` about the superior axis."""
+    angle = np.deg2rad(oblique_deg)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(zooms)
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    world = np.einsum("ij,j...->i...", affine[:3, :3], np.indices(shape)) + affine[:3, 3, None, None, None]
+    inside = ((world - np.reshape(offset_mm, (3, 1, 1, 1))) ** 2).sum(0) < radius_mm**2
+    return nib.Nifti1Image(np.where(inside, 100.0, 0.0).astype(np.float32), affine)
+
+
+def test_every_scan_gets_one_pixel_size_whatever_its_field_of_view_and_obliquity():
+    settings = validated_config({"preprocess": {"size": 32, "spacing_mm": 2.0, "field_of_view_mm": 160,
+                                                "min_brain_fraction": 0.9}})["preprocess"]
+    scans = [sphere_scan((60, 70, 50), (2.0, 2.0, 2.0), 0, 40, (0, 0, 0)),
+             sphere_scan((100, 90, 40), (1.5, 1.5, 3.0), 12, 40, (25, -20, 5))]
+    diameters, pixels = [], []
+    for raw in scans:
+        ras = resample_isotropic(reorient_to_ras(raw), settings["spacing_mm"])
+        brain, mask = skull_strip(ras, "precomputed")
+        result = scan_slices(brain.get_fdata(), np.asarray(mask.dataobj) > 0, settings)
+        middle = result["masks"][len(result["masks"]) // 2]
+        columns = np.flatnonzero(middle.any(axis=0))
+        diameters.append(columns[-1] - columns[0] + 1)
+        pixels.append(result["pixel_mm"])
+        centre = np.argwhere(middle).mean(axis=0)
+        assert np.allclose(centre, 15.5, atol=1), "the window is centred on the mask"
+    assert pixels[0] == pixels[1] == 160 / 32
+    # An 80 mm sphere spans 80 / 5 = 16 pixels in both scans: the same anatomy at the same scale.
+    assert abs(diameters[0] - 16) <= 1 and abs(diameters[1] - 16) <= 1
+
+
+def test_a_window_larger_than_the_volume_is_zero_padded_and_a_smaller_one_crops():
+    volume, mask = ellipsoid_volume(shape=(20, 20, 6))
+    padded, padded_masks, _ = normalised_slices(volume, mask, [3], (0, 100), 40, window_vox=40)
+    cropped, _, _ = normalised_slices(volume, mask, [3], (0, 100), 10, window_vox=10)
+    assert padded_masks[0, :10].sum() == 0 and padded_masks[0, 10:30, 10:30].any()
+    assert cropped.shape == (1, 10, 10) and (cropped[0] > 0).all(), "the crop holds only the ellipsoid's middle"
+
+
 # ---------------------------------------------------------------------------------------------- the rules, run for real
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from brainvq import reporting
 from brainvq.config import load_config
+from brainvq.sources import get_source
 from conftest import REPO, synthetic_brain_slices
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,6 +39,7 @@ window.addEventListener("load", () => {
 
 def tiny_metrics(probe_auroc=None) -> dict:
     stats = {"over_slices": {"mean": 0.81, "median": 0.82, "p5": 0.7, "n": 16},
+             "over_scans": {"mean": 0.805, "median": 0.805, "p5": 0.795, "n": 2},
              "over_subjects": {"mean": 0.8, "median": 0.8, "p5": 0.79, "n": 2}}
     return {
         "n_test_scans": 2, "n_test_subjects": 2, "n_test_slices": 16, "ms_ssim_window_px": 7,
@@ -90,7 +92,7 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
     (tmp_path / "eval" / "metrics.json").write_text(json.dumps(tiny_metrics(probe_auroc)))
     pd.DataFrame({"scan": ["T00", "T01", "T02"], "subject": ["T00", "T01", "T02"], "n_slices": [8, 8, 8],
                   "ssim_brain": [0.9, 0.8, 0.7], "psnr_brain_db": [30.0, 28.0, 25.0]}).to_csv(
-        tmp_path / "eval" / "per_subject.csv", index=False)
+        tmp_path / "eval" / "per_scan.csv", index=False)
     steps = np.arange(0, 50, 10)
     pd.DataFrame({"step": steps, "loss": 1 / (1 + steps), "recon_loss": 0.8 / (1 + steps),
                   "perplexity": 5 + steps / 10, "val_ssim": [None, None, 0.6, None, 0.7],
@@ -106,7 +108,7 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
     (tmp_path / "qc").mkdir()
     montages = [png_of(images[k], tmp_path / "qc" / f"{scan}.png") for k, scan in enumerate(["S00", "T00", "X09"])]
     return reporting.ReportInputs(
-        metrics_json=tmp_path / "eval" / "metrics.json", per_subject_csv=tmp_path / "eval" / "per_subject.csv",
+        metrics_json=tmp_path / "eval" / "metrics.json", per_scan_csv=tmp_path / "eval" / "per_scan.csv",
         figures_npz=tmp_path / "eval" / "figures.npz", vqvae_history=tmp_path / "vqvae_history.csv",
         prior_history=tmp_path / "prior_history.csv", split_csv=tmp_path / "split.csv",
         excluded_csv=tmp_path / "excluded.csv", montages=montages,
@@ -116,7 +118,7 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
 def build(tmp_path: Path, source: str = "ixi", probe_auroc=None) -> Path:
     config = load_config(overrides={"dataset": {"source": source}})
     return reporting.build_report(tiny_report_inputs(tmp_path, probe_auroc), config, tmp_path / "report" / "index.html",
-                                  tmp_path / "report" / "figures")
+                                  tmp_path / "report" / "figures", attribution_html=get_source(source).attribution_html)
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,15 @@ def test_report_explains_every_metric_and_says_why_one_is_missing(report):
     assert "FD (VQ-VAE encoder features; not comparable to FID)" in page
 
 
+def test_reconstruction_table_reports_slices_scans_and_subjects_apart(report):
+    table = reporting.reconstruction_table(tiny_metrics())
+    assert [c for c in table.columns if c.endswith(": mean")] == ["slices: mean", "scans: mean", "subjects: mean"]
+    assert table.loc[0, ["slices: mean", "scans: mean", "subjects: mean"]].tolist() == ["0.81", "0.805", "0.8"]
+    page = report.read_text()
+    assert "scans: mean" in page and "subjects: mean" in page
+    assert "Per-scan metrics" in page and "per_subject" not in page
+
+
 def test_report_escapes_table_text_and_lists_excluded_scans(report):
     page = report.read_text()
     assert "non-finite voxels &lt;script&gt;" in page and "<script>" not in page
@@ -162,17 +173,25 @@ def test_report_escapes_table_text_and_lists_excluded_scans(report):
     ("local", "Add its source, licence and"),
 ])
 def test_report_attributes_the_dataset_it_used(source, expected):
-    assert expected in reporting.TEMPLATES.get_template("attribution.html.j2").render(source=source)
+    assert expected in get_source(source).attribution_html
+
+
+def test_report_page_carries_the_sources_attribution_as_markup(report):
+    page = report.read_text()
+    section = page[page.index('<section id="attribution">'):]
+    assert '<a href="https://creativecommons.org/licenses/by-sa/3.0/">' in section  # IXI's, not escaped
 
 
 def test_an_unreadable_or_outdated_input_leaves_no_report_behind(tmp_path):
     inputs = tiny_report_inputs(tmp_path)
     inputs.figures_npz.write_bytes(b"not an npz")
     with pytest.raises(reporting.ReportInputError, match="re-run the evaluate rule"):
-        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig")
+        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig",
+                               attribution_html="")
     np.savez(inputs.figures_npz, codebook_counts=np.arange(3))
     with pytest.raises(reporting.ReportInputError, match="lacks arrays .*examples_label"):
-        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig")
+        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig",
+                               attribution_html="")
     assert not (tmp_path / "report" / "index.html").exists()
 
 

@@ -5,12 +5,12 @@ from pathlib import Path
 import torch
 
 from brainvq.data import read_split
-from brainvq.metrics import (
-    EvaluationInputError,
+from brainvq.evaluation import (
     EvaluationInputs,
     evaluate_run,
     prior_scorer,
     software_versions,
+    vqvae_codebook_size,
     write_evaluation,
 )
 from brainvq.prior import load_prior
@@ -24,11 +24,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
     seed_everything(settings["seed"])
     device = select_device(settings["device"])
     model = load_vqvae(snakemake.input.vqvae, device)
-    if not getattr(model, "codebook_size", None):
-        raise EvaluationInputError(
-            f"{snakemake.input.vqvae} has no codebook (vqvae.bottleneck={snakemake.params.bottleneck}); "
-            "evaluate needs vqvae.bottleneck vq or fsq"
-        )
+    codebook_size = vqvae_codebook_size(model, snakemake.input.vqvae, snakemake.params.bottleneck)
     inputs = EvaluationInputs(
         split_csv=Path(snakemake.input.split),
         shards_dir=Path(snakemake.input.shards),
@@ -36,12 +32,13 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         samples=Path(snakemake.input.samples),
     )
     scorer = prior_scorer(load_prior(snakemake.input.prior, device), read_split(inputs.split_csv))
-    result = evaluate_run(inputs, model, scorer, model.codebook_size, settings, snakemake.params.source, device)
+    source_defaults = snakemake.params.source_defaults
+    result = evaluate_run(inputs, model, scorer, codebook_size, settings, source_defaults, device)
     result.metrics["software"] = software_versions()
     write_evaluation(
         result,
         snakemake.output.metrics,
-        snakemake.output.per_subject,
+        snakemake.output.per_scan,
         snakemake.output.per_slice,
         snakemake.output.figures,
     )

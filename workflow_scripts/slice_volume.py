@@ -30,6 +30,8 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
             "split": "",
             "excluded_reason": result["excluded_reason"],
             "excluded_stage": result["excluded_stage"],
+            "pixel_mm": result["pixel_mm"],
+            "window_vox": result["window"],
         },
     )
     if result["excluded_reason"]:

@@ -1,0 +1,215 @@
+"""The quality-control gate: checks that a volume is a plausible adult T1 before anything is built from it.
+
+Each failed check is its own :class:`brainvq.io.VolumeError` subclass whose message names the file, the
+check, the measured value and the threshold (the ``qc`` section of config/schema.yaml) and the fix, so
+``preprocess.on_error: skip`` skips the scan and ``qc/excluded.csv`` says why. The defaults pass every
+real adult T1 (IXI, OASIS, the demo cohort) and stop the junk that used to reach the shards: a few
+saturated voxels in an empty volume, constant volumes, volumes a few millimetres across, broken affines.
+
+All measures are cheap (no mask filling), so discovery can run them on every volume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from skimage.filters import threshold_otsu
+
+from brainvq.io import VolumeError
+
+MM3_PER_CM3 = 1000.0
+
+
+class AffineError(VolumeError):
+    """The voxel-to-world affine is singular or not finite."""
+
+
+class VoxelSizeError(VolumeError):
+    """A voxel size is implausible for an MRI volume."""
+
+
+class FieldOfViewError(VolumeError):
+    """The volume is too small in millimetres along some axis to hold a head."""
+
+
+class IntensityLevelsError(VolumeError):
+    """Too few distinct intensity values: a mask, a label map or a broken export rather than a T1."""
+
+
+class ConstantVolumeError(VolumeError):
+    """The intensities are constant or nearly so."""
+
+
+class SaturationError(VolumeError):
+    """A large share of voxels sits at the maximum of the stored data type (clipped export)."""
+
+
+class ForegroundVolumeError(VolumeError):
+    """The head (or, after skull stripping, brain) foreground is far below an adult size."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The limits of the QC gate (the ``qc`` config section; see config/schema.yaml for each meaning)."""
+
+    min_voxel_mm: float = 0.2
+    max_voxel_mm: float = 8.0
+    min_field_of_view_mm: float = 60.0
+    min_distinct_values: int = 32
+    min_relative_range: float = 0.01
+    max_saturated_fraction: float = 0.01
+    min_head_cm3: float = 500.0
+    min_brain_cm3: float = 400.0
+
+    @classmethod
+    def from_config(cls, section: dict) -> Thresholds:
+        """Return the thresholds of a validated ``qc`` config section."""
+        return cls(**{name: section[name] for name in cls.__dataclass_fields__})
+
+
+def _fix(what: str) -> str:
+    return (f"If the file is a valid T1 volume, adjust qc.{what} in your config; otherwise remove or re-export "
+            "it (or set preprocess.on_error: skip to leave it out and list it in qc/excluded.csv)")
+
+
+def voxel_sizes_mm(affine: np.ndarray) -> np.ndarray:
+    """Return the voxel size along each voxel axis (column norms of the affine's 3x3 part)."""
+    return np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+
+
+def check_affine(affine: np.ndarray, path: Path) -> None:
+    """Raise AffineError unless ``affine`` is finite and invertible."""
+    affine = np.asarray(affine, float)
+    if not np.isfinite(affine).all():
+        raise AffineError(f"{path}: QC check 'affine' failed: the voxel-to-world affine has non-finite entries; "
+                          "fix the header's sform/qform (e.g. re-export the volume)")
+    determinant = float(np.linalg.det(affine[:3, :3]))
+    if abs(determinant) < 1e-6:
+        raise AffineError(f"{path}: QC check 'affine' failed: the voxel-to-world affine is singular (determinant "
+                          f"{determinant:.3g}); the header's sform/qform is broken (all zero?). Re-export the volume "
+                          "or fix its header")
+
+
+def check_geometry(affine: np.ndarray, shape, path: Path, limits: Thresholds) -> None:
+    """Raise VoxelSizeError or FieldOfViewError for implausible voxel sizes or a field of view below the limit."""
+    zooms = voxel_sizes_mm(affine)
+    if zooms.min() < limits.min_voxel_mm or zooms.max() > limits.max_voxel_mm:
+        raise VoxelSizeError(
+            f"{path}: QC check 'voxel size' failed: voxel sizes {tuple(round(float(z), 3) for z in zooms)} mm lie "
+            f"outside [{limits.min_voxel_mm}, {limits.max_voxel_mm}] mm. " + _fix("min_voxel_mm / qc.max_voxel_mm"))
+    extent = zooms * np.asarray(shape[:3], float)
+    if extent.min() < limits.min_field_of_view_mm:
+        raise FieldOfViewError(
+            f"{path}: QC check 'field of view' failed: the volume spans {tuple(round(float(e), 1) for e in extent)} "
+            f"mm, below {limits.min_field_of_view_mm} mm along an axis: too small to hold a head. "
+            + _fix("min_field_of_view_mm"))
+
+
+def check_intensities(data: np.ndarray, path: Path, limits: Thresholds, dtype_max: float | None = None) -> None:
+    """Raise IntensityLevelsError, ConstantVolumeError or SaturationError for a volume that is not a usable T1.
+
+    Args:
+        data: the voxels (any shape), as read (before scaling to float is fine).
+        path: the file, for the message.
+        limits: the thresholds.
+        dtype_max: the maximum of the file's stored integer type (None for float types: no saturation check).
+    """
+    values = np.asarray(data).ravel()
+    distinct = np.unique(values[:: max(1, values.size // 2_000_000)]).size  # a subsample bounds the sort
+    if distinct < limits.min_distinct_values:
+        raise IntensityLevelsError(
+            f"{path}: QC check 'distinct intensities' failed: {distinct} distinct values, below "
+            f"{limits.min_distinct_values}; a T1 volume has thousands. " + _fix("min_distinct_values"))
+    low, high = np.percentile(values, [0.5, 99.5])
+    scale = max(abs(float(high)), abs(float(low)), np.finfo(np.float32).tiny)
+    if (high - low) / scale < limits.min_relative_range:
+        raise ConstantVolumeError(
+            f"{path}: QC check 'constant volume' failed: 99% of voxels lie within {float(high - low):.4g} of each "
+            f"other ({(high - low) / scale:.2%} of the intensity scale, below {limits.min_relative_range:.2%}). "
+            + _fix("min_relative_range"))
+    if dtype_max is not None:
+        saturated = float(np.mean(values >= dtype_max))
+        if saturated > limits.max_saturated_fraction:
+            raise SaturationError(
+                f"{path}: QC check 'saturation' failed: {saturated:.2%} of voxels sit at the data type's maximum "
+                f"{dtype_max:g}, above {limits.max_saturated_fraction:.2%}: the export clipped the intensities. "
+                + _fix("max_saturated_fraction"))
+
+
+def foreground_cm3(data: np.ndarray, affine: np.ndarray) -> float:
+    """Return the volume (cm³) of voxels above the Otsu threshold: a cheap lower bound of the head's size."""
+    data = np.asarray(data, np.float32)
+    if float(data.max()) <= float(data.min()):
+        return 0.0
+    voxel_mm3 = float(np.prod(voxel_sizes_mm(affine)))
+    return float((data > threshold_otsu(data)).sum()) * voxel_mm3 / MM3_PER_CM3
+
+
+def mask_cm3(mask: np.ndarray, affine: np.ndarray) -> float:
+    """Return the volume (cm³) of a boolean mask on a grid with ``affine``."""
+    return float(np.count_nonzero(mask)) * float(np.prod(voxel_sizes_mm(affine))) / MM3_PER_CM3
+
+
+def check_head_size(data: np.ndarray, affine: np.ndarray, path: Path, limits: Thresholds) -> float:
+    """Raise ForegroundVolumeError when the foreground is below ``min_head_cm3``; return its volume in cm³."""
+    size = foreground_cm3(data, affine)
+    if size < limits.min_head_cm3:
+        raise ForegroundVolumeError(
+            f"{path}: QC check 'head size' failed: the foreground (voxels above the Otsu threshold) is "
+            f"{size:.0f} cm³, below {limits.min_head_cm3:g} cm³; an adult head gives well over 1,000 cm³. "
+            + _fix("min_head_cm3"))
+    return size
+
+
+def check_brain_mask(mask: np.ndarray, affine: np.ndarray, path: Path, limits: Thresholds, what: str) -> float:
+    """Raise ForegroundVolumeError when a skull-stripping mask is below its adult size; return its cm³.
+
+    Args:
+        what: ``"brain"`` (bet, precomputed masks: limit ``min_brain_cm3``) or ``"head"`` (skull_strip none:
+            limit ``min_head_cm3``).
+    """
+    size = mask_cm3(mask, affine)
+    limit, key = (limits.min_brain_cm3, "min_brain_cm3") if what == "brain" else (limits.min_head_cm3, "min_head_cm3")
+    if size < limit:
+        raise ForegroundVolumeError(
+            f"{path}: QC check '{what} mask size' failed: the {what} mask after skull stripping is {size:.0f} cm³, "
+            f"below {limit:g} cm³ (an adult brain is about 1,000-1,600 cm³). Check the skull stripping "
+            f"(preprocess.skull_strip, preprocess.bet_fractional_threshold) or adjust qc.{key}")
+    return size
+
+
+def stored_type_maximum(img) -> float | None:
+    """Return the largest value of the file's stored integer type (None for float types)."""
+    dtype = np.dtype(img.get_data_dtype())
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else None
+
+
+def unscaled_voxels(img) -> np.ndarray:
+    """Return the voxels as stored (before scl_slope/inter), for the saturation check."""
+    proxy = img.dataobj
+    return np.asarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
+
+
+def check_volume(img, data: np.ndarray, affine: np.ndarray, path: str | Path, limits: Thresholds) -> dict:
+    """Run every volume check of the gate; return the measures (for logs and reports).
+
+    Args:
+        img: the image as loaded from the file (for its stored type).
+        data: the voxels (float, 3D) that will be used.
+        affine: the voxel-to-world affine that will be used.
+        path: the file.
+        limits: the thresholds.
+
+    Raises:
+        VolumeError: one subclass per failed check (see the module docstring).
+    """
+    path = Path(path)
+    check_affine(affine, path)
+    check_geometry(affine, data.shape, path, limits)
+    dtype_max = stored_type_maximum(img)
+    check_intensities(unscaled_voxels(img) if dtype_max is not None else data, path, limits, dtype_max)
+    head = check_head_size(data, affine, path, limits)
+    return {"voxel_mm": [float(z) for z in voxel_sizes_mm(affine)], "head_cm3": round(head, 1),
+            "field_of_view_mm": [float(z) for z in voxel_sizes_mm(affine) * np.asarray(data.shape[:3])]}
