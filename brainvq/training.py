@@ -27,8 +27,9 @@ from brainvq.runtime import autocast_context
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = [
-    "step", "loss", "recon_loss", "ssim_loss", "commitment", "kl_loss", "kl", "perplexity", "codes_used", "codes_restarted",
-    "grad_norm", "lr", "slices_per_s", "val_l1", "val_ssim", "val_psnr", "val_codes_used", "val_perplexity",
+    "step", "loss", "recon_loss", "recon_loss_e", "ssim_loss", "ssim_loss_e", "commitment", "som", "kl_loss", "kl",
+    "perplexity", "codes_used", "codes_restarted", "grad_norm", "lr", "slices_per_s",
+    "val_l1", "val_ssim", "val_psnr", "val_codes_used", "val_perplexity",
 ]
 
 
@@ -143,13 +144,19 @@ def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind
     return F.mse_loss(reconstruction.float(), target.float())
 
 
-def vqvae_loss_terms(reconstruction: torch.Tensor, target: torch.Tensor, aux: dict, section: dict, step: int) -> dict:
-    """Return the weighted loss terms of one step: ``recon_loss``, ``ssim_loss`` (if weighted) and the
-    bottleneck's terms, the VAE KL ramped up over ``kl_warmup_steps``."""
-    terms = {"recon_loss": reconstruction_loss(reconstruction, target, section["loss"])}
+def vqvae_loss_terms(model: VQVAE, reconstruction: torch.Tensor, target: torch.Tensor, aux: dict, section: dict,
+                     step: int) -> dict:
+    """Return the weighted loss terms of one step: the model's reconstruction terms for the pixel loss
+    (``recon_loss``, and ``recon_loss_e`` for the encoder output with ``gamma_e``), the same for ``1 - SSIM`` when
+    ``ssim_weight`` is set (``ssim_loss``, ``ssim_loss_e``), then the bottleneck's terms, the VAE KL ramped up over
+    ``kl_warmup_steps``. Together: ``gamma_q * L_rec(x, D(z_q)) + gamma_e * L_rec(x, D(z_e)) + aux["loss"]`` with
+    ``L_rec`` = pixel loss + ``ssim_weight * (1 - SSIM)``."""
+    terms = model.reconstruction_losses(reconstruction, target, aux,
+                                        lambda r, x: reconstruction_loss(r, x, section["loss"]))
     if section["ssim_weight"] > 0:
-        ssim = ssim_per_image(reconstruction, target).mean()
-        terms["ssim_loss"] = section["ssim_weight"] * (1 - ssim)
+        ssim = model.reconstruction_losses(reconstruction, target, aux,
+                                           lambda r, x: section["ssim_weight"] * (1 - ssim_per_image(r, x).mean()))
+        terms.update({name.replace("recon", "ssim"): value for name, value in ssim.items()})
     for name, value in aux["loss"].items():
         if name == "kl_loss" and section["kl_warmup_steps"] > 0:
             value = value * min(1.0, step / section["kl_warmup_steps"])
@@ -206,7 +213,7 @@ class VQVAETask:
 
     def __init__(self, settings: dict, data: TrainingData):
         self.settings, self.data = settings, data
-        self.codebook_size: int | None = None
+        self.model: VQVAE | None = None
         self._validation_loader = None
 
     def fingerprint(self) -> dict:
@@ -220,8 +227,8 @@ class VQVAETask:
 
     def build_model(self, device: torch.device) -> VQVAE:
         model = build_vqvae(self.settings).to(device)
-        self.codebook_size = model.codebook_size
-        return model.to(memory_format=torch.channels_last) if self._channels_last(device) else model
+        self.model = model.to(memory_format=torch.channels_last) if self._channels_last(device) else model
+        return self.model
 
     def _loader(self, dataset, device: torch.device, **batching) -> DataLoader:
         # Worker seeds come from this generator, not the global RNG, which a resumed run must consume exactly
@@ -235,17 +242,20 @@ class VQVAETask:
             yield x.contiguous(memory_format=torch.channels_last) if self._channels_last(device) else x
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if getattr(self.model.bottleneck, "needs_initialization", False):  # a host-side flag, no device read
+            # k-means on the first batch, in every process, before the first step rather than inside it.
+            self.model.initialize_codebook(x)
         return module(x)
 
     def loss_terms(self, output: tuple[torch.Tensor, dict], x: torch.Tensor, step: int) -> tuple[dict, dict]:
         reconstruction, aux = output
-        terms = vqvae_loss_terms(reconstruction, x, aux, self.settings, step)
+        terms = vqvae_loss_terms(self.model, reconstruction, x, aux, self.settings, step)
         numbers = {name: aux[key] for key, name in (("perplexity", "perplexity"), ("restarted", "codes_restarted"),
                                                      ("kl", "kl")) if key in aux}
-        if self.codebook_size and "indices" in aux:
+        if self.model.codebook_size and "indices" in aux:
             # Counted on the device (bincount would read the largest code back to the host).
             indices = aux["indices"].reshape(-1)
-            numbers["code_counts"] = torch.zeros(self.codebook_size, device=x.device).index_add_(
+            numbers["code_counts"] = torch.zeros(self.model.codebook_size, device=x.device).index_add_(
                 0, indices, torch.ones(indices.numel(), device=x.device))
         return terms, numbers
 
