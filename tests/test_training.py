@@ -171,7 +171,7 @@ def test_train_shards_of_different_image_sizes_are_refused(run):
         train_vqvae(tiny_section(), shards, split_csv, out)
 
 
-@pytest.mark.parametrize("bottleneck", ["fsq", "vae"])
+@pytest.mark.parametrize("bottleneck", ["fsq", "vae", "som"])
 def test_other_bottlenecks_train_through_the_same_trainer(run, bottleneck):
     shards, split_csv, out = run
     train_vqvae(tiny_section(steps=3, bottleneck=bottleneck), shards, split_csv, out)
@@ -179,6 +179,17 @@ def test_other_bottlenecks_train_through_the_same_trainer(run, bottleneck):
     assert np.isfinite(history["loss"]).all()
     if bottleneck == "vae":
         assert history["kl"].notna().all()
+    if bottleneck == "som":
+        assert history["som"].notna().all() and history["codes_used"].notna().all()
+
+
+def test_the_encoder_output_reconstruction_adds_its_pixel_and_ssim_terms_to_the_loss(run):
+    shards, split_csv, out = run
+    train_vqvae(tiny_section(steps=2, gamma_e=0.5, ssim_weight=0.5), shards, split_csv, out)
+    history = pd.read_csv(out / "history.csv")
+    terms = ["recon_loss", "recon_loss_e", "ssim_loss", "ssim_loss_e", "commitment"]
+    assert (history[terms] > 0).all().all()
+    np.testing.assert_allclose(history[terms].sum(axis=1), history["loss"], rtol=1e-6)
 
 
 def test_torch_ssim_matches_skimage():
