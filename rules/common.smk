@@ -7,6 +7,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
+from brainvq.volumes import volume_box_voxels
 from brainvq.sources import get_source
 
 validate(config, "../config/schema.yaml")
@@ -38,6 +39,13 @@ wildcard_constraints:
 
 
 PREPROCESS = config["preprocess"]
+# preprocess.dims 3: whole volumes (volumes/{scan}.h5) instead of axial slices, and the 3D DAG
+# (no prior or sampling; see the Snakefile and rules/volumes.smk).
+VOLUMES = PREPROCESS["dims"] == 3
+SCAN_ITEMS = "volumes" if VOLUMES else "slices"
+if VOLUMES:
+    # A box the model cannot downsample stops the run here, before any job.
+    volume_box_voxels(PREPROCESS, config["vqvae"]["downsample"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,8 +66,8 @@ def discovered_scans(wildcards=None):
 
 
 def discovered_slice_files(wildcards=None):
-    """Input function: slices/{scan}.h5 of every discovered scan."""
-    return [out(f"slices/{scan}.h5") for scan in discovered_scans()]
+    """Input function: slices/{scan}.h5 (volumes/{scan}.h5 with preprocess.dims 3) of every discovered scan."""
+    return [out(f"{SCAN_ITEMS}/{scan}.h5") for scan in discovered_scans()]
 
 
 def scan_info(scan):

@@ -23,7 +23,7 @@ rule write_shards:
 
 rule qc_montage:
     input:
-        out("slices/{scan}.h5"),
+        out(SCAN_ITEMS + "/{scan}.h5"),
     output:
         out("qc/montage/{scan}.png"),
     log:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from brainvq.config import config_hash
 from brainvq.data import read_split, write_shards
-from brainvq.preprocessing import pixel_mm
+from brainvq.preprocessing import shard_geometry
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
@@ -17,8 +17,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         dtype=preprocess["dtype"],
         attrs={
             "spacing_mm": preprocess["spacing_mm"],
-            "size": preprocess["size"],
-            "pixel_mm": pixel_mm(preprocess),
+            **shard_geometry(preprocess),
             "source": snakemake.params.source,
             "config_hash": config_hash(preprocess),
         },
