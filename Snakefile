@@ -19,10 +19,19 @@ include: "rules/split.smk"
 include: "rules/shards.smk"
 include: "rules/vqvae.smk"
 include: "rules/quantize.smk"
-include: "rules/prior.smk"
-include: "rules/sample.smk"
-include: "rules/evaluate.smk"
-include: "rules/report.smk"
+
+
+# Whole volumes (preprocess.dims 3) end with their own evaluate and report rules: the prior and sampler are 2D.
+if VOLUMES:
+
+    include: "rules/volumes.smk"
+
+else:
+
+    include: "rules/prior.smk"
+    include: "rules/sample.smk"
+    include: "rules/evaluate.smk"
+    include: "rules/report.smk"
 
 
 rule all:

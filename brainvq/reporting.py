@@ -279,11 +279,13 @@ def _no_data(ax, message: str) -> None:
 
 
 def training_curves_figure(histories: dict[str, pd.DataFrame]) -> Figure:
-    """Return the training curves of both models (``{"vqvae": history, "prior": history}``) against step."""
-    fig = _new_figure(11, 2.8)
+    """Return the training curves of both models (``{"vqvae": history, "prior": history}``) against step; only
+    the panels of the models given (a whole-volume run has no prior)."""
+    panels = [panel for panel in CURVE_PANELS if panel[0] in histories]
+    fig = _new_figure(11 * len(panels) / len(CURVE_PANELS), 2.8)
     with matplotlib.rc_context(STYLE):
-        axes = fig.subplots(1, len(CURVE_PANELS))
-        for ax, (model, columns, title, ylabel) in zip(axes, CURVE_PANELS):
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (model, columns, title, ylabel) in zip(axes, panels):
             history = histories.get(model, pd.DataFrame())
             present = [c for c in columns if c in history.columns and pd.to_numeric(history[c], "coerce").notna().any()]
             ax.set_title(title)

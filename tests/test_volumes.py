@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -99,3 +101,44 @@ def test_a_3d_shard_round_trips_every_volume_with_its_mask_and_provenance(tmp_pa
         assert item["image"].shape == item["mask"].shape == (1, 16, 24, 20)
         np.testing.assert_allclose(item["image"][0].numpy(), results[scan]["images"][0], atol=1e-3)  # float16
         np.testing.assert_array_equal(item["mask"][0].numpy(), results[scan]["masks"][0])
+
+
+# ----------------------------------------------------------------------------------- the 3D workflow
+
+
+@pytest.mark.slow
+def test_a_tiny_3d_run_writes_code_volumes_3d_metrics_and_a_som_report(tmp_path):
+    from snakemake_helpers import REPO, run_snakemake, tiny_config
+
+    # 4 mm voxels in a 160 x 192 x 160 mm box: 40 x 48 x 40 volumes, 10 x 12 x 10 code volumes.
+    config = tiny_config(tmp_path / "tiny3d.yaml", {
+        "run": "tiny3d",
+        "preprocess": {"dims": 3, "spacing_mm": 4.0, "box_mm": [160, 192, 160], "shard_size": 4},
+        "vqvae": {"bottleneck": "som", "som_topology": "toroidal", "channels": [8, 16], "latent_dim": 8,
+                  "codebook_size": 16, "batch_size": 2, "eval_batch_size": 2, "steps": 12, "val_every": 6,
+                  "checkpoint_every": 6, "log_every": 3},
+    })
+    run_snakemake("--snakefile", REPO / "Snakefile", "--directory", tmp_path, "--cores", "2",
+                  "--configfile", REPO / "config" / "config.yaml", config, timeout=900)
+    run = tmp_path / "results" / "tiny3d"
+    split = pd.read_csv(run / "split.csv")
+    for row in split.itertuples():
+        with h5py.File(run / "volumes" / f"{row.scan}.h5") as f:
+            assert f["images"].shape == f["masks"].shape == (1, 40, 48, 40)
+        codes = np.load(run / "codes" / row.split / f"{row.scan}.npy")
+        assert codes.shape == (10, 12, 10) and codes.dtype == np.int16 and 0 <= codes.min() <= codes.max() < 16
+    assert not (run / "prior").exists() and not (run / "samples").exists()  # the prior and sampler are 2D
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["dims"] == 3 and metrics["n_test_scans"] == (split["split"] == "test").sum()
+    means = {name: value["over_scans"]["mean"] for name, value in metrics["reconstruction"].items()}
+    assert 0 < means["ssim_gaussian"] < 1 and 0 < means["ssim_uniform7"] < 1 and means["psnr_db"] > 5
+    assert set(metrics["ssim_windows"]) == {"ssim_gaussian", "ssim_uniform7"}
+    assert 1 <= metrics["codebook"]["codes_used"] <= 16 and metrics["codebook"]["perplexity"] >= 1
+    som = metrics["som"]
+    assert som["topology"] == "toroidal" and som["embedding_correlation"]["n_neighbour_pairs"] == 2 * 16
+    per_scan = pd.read_csv(run / "eval" / "per_scan.csv")
+    assert sorted(per_scan["scan"]) == sorted(split.loc[split["split"] == "test", "scan"])
+    html = (run / "report" / "index.html").read_text()
+    assert "uniform" in html and "Gaussian" in html
+    assert (run / "report" / "figures" / "som_grid.png").stat().st_size > 1000
