@@ -65,6 +65,11 @@ def discovered_scans(wildcards=None):
     return discovered_table()["scan"].tolist()
 
 
+def scan_items_file(wildcards):
+    """Input function: the scan's slices/{scan}.h5 (volumes/{scan}.h5 with preprocess.dims 3)."""
+    return out(f"{SCAN_ITEMS}/{wildcards.scan}.h5")
+
+
 def discovered_slice_files(wildcards=None):
     """Input function: slices/{scan}.h5 (volumes/{scan}.h5 with preprocess.dims 3) of every discovered scan."""
     return [out(f"{SCAN_ITEMS}/{scan}.h5") for scan in discovered_scans()]

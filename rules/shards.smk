@@ -23,7 +23,7 @@ rule write_shards:
 
 rule qc_montage:
     input:
-        out(SCAN_ITEMS + "/{scan}.h5"),
+        scan_items_file,
     output:
         out("qc/montage/{scan}.png"),
     log:
