@@ -262,6 +262,11 @@ def pixel_mm(settings: dict) -> float:
     return window_voxels(settings) * settings["spacing_mm"] / settings["size"]
 
 
+def mask_kind(settings: dict) -> str:
+    """Return what a run's masks cover: ``head`` with ``skull_strip: none`` (head foreground), else ``brain``."""
+    return "head" if settings["skull_strip"] == "none" else "brain"
+
+
 def in_plane_window(mask: np.ndarray, side_vox: int | None = None) -> tuple[int, int, int]:
     """Return ``(top row, left column, side)`` of the square window of axial-image pixels that slices are cut to.
 
