@@ -226,6 +226,22 @@ def test_atrophy_enlarges_csf_inside_the_brain_most_of_all_in_the_ventricles():
     assert not (csf_young & ~csf_old).any()  # atrophy only turns tissue into CSF
 
 
+def test_the_brain_mask_follows_the_deformation_the_volume_was_given(monkeypatch):
+    affine, shape = ras_grid()
+    params = replace(noise_free_subject(0.0), deformation_mm=6.0)
+    # Render the template's brain itself through the volume's own path (pose, size, deformation).
+    monkeypatch.setattr(demo, "head_intensities", lambda model, p: model.brain.astype(np.float32))
+    warped_brain = demo.subject_volume(params, affine, shape, TINY) > 0.5
+    mask = demo.subject_brain_mask(params, affine, shape, TINY)
+    undeformed = demo.subject_brain_mask(replace(params, deformation_mm=0.0), affine, shape, TINY)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice(mask, warped_brain) > 0.99
+    assert dice(undeformed, warped_brain) < dice(mask, warped_brain) - 0.02
+
+
 def test_older_demo_subjects_have_more_atrophy():
     params = demo.cohort_params(200, seed=0, oasis_fraction=0.5)
     ages = [p.age for p in params]
