@@ -19,6 +19,10 @@ Two on-disk layouts, mimicking the real datasets:
   zooms, origin at the volume centre), which is what ``datasets.oasis1.orientation.raw_mpr1: ASL``
   tells the reorient stage to impose.
 
+Beside each volume lies its true brain mask (the template's brain mask moved by the same pose, size and
+deformation), in the same format and voxel grid, named ``<name>_brainmask.<ext>`` (``brainvq.io.brain_mask_path``):
+``preprocess.skull_strip: precomputed`` uses it.
+
 World coordinates are RAS+ millimetres throughout.
 """
 
@@ -40,6 +44,7 @@ import pandas as pd
 from scipy import ndimage
 
 from brainvq.files import atomic_path
+from brainvq.io import brain_mask_path
 
 log = logging.getLogger(__name__)
 
@@ -789,19 +794,23 @@ def subject_path(root: Path, params: SubjectParams) -> Path:
 
 
 def write_subject(params: SubjectParams, root: Path, downsample: int = 1) -> tuple[Path, float]:
-    """Synthesise one subject and write it in its layout under ``root``.
+    """Synthesise one subject and write it in its layout under ``root``, with its true brain mask (0/1, same
+    format and grid) beside it as ``brainvq.io.brain_mask_path`` names it.
 
     Returns:
-        ``(path, seconds)``: the written file and the time it took.
+        ``(path, seconds)``: the written volume and the time it took.
     """
     start = time.perf_counter()
     layout, affine = subject_grid(params, downsample)
     volume = subject_volume(params, affine, layout.shape, downsample, layout.wm_intensity)
+    brain = subject_brain_mask(params, affine, layout.shape, downsample).astype(np.float32)
     path = subject_path(root, params)
-    if params.layout == "ixi":
-        save_ixi_nifti(volume, affine, path)
-    else:
-        save_oasis_analyze(volume, layout.zooms_mm, path)
+    # The volume last: a cohort folder whose volume exists also has its mask.
+    for data, target in ((brain, brain_mask_path(path)), (volume, path)):
+        if params.layout == "ixi":
+            save_ixi_nifti(data, affine, target)
+        else:
+            save_oasis_analyze(data, layout.zooms_mm, target)
     return path, time.perf_counter() - start
 
 

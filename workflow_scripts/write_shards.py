@@ -20,6 +20,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
             "size": preprocess["size"],
             "pixel_mm": pixel_mm(preprocess),
             "mask_kind": mask_kind(preprocess),
+            "skull_strip": preprocess["skull_strip"],
             "source": snakemake.params.source,
             "config_hash": config_hash(preprocess),
         },
