@@ -88,7 +88,8 @@ def raw_volume_files(wildcards):
 
 def skull_strip_files(wildcards):
     """Input function (unpack): 'ras', the scan's RAS volume, and with skull_strip 'precomputed' its mask file
-    found beside the raw volume ('precomputed_mask', and 'precomputed_mask_pair' for an Analyze .img)."""
+    found beside the raw volume ('precomputed_mask', and 'precomputed_mask_pair' for an Analyze .img).
+    """
     files = {"ras": out(f"ras/{wildcards.scan}.nii.gz")}
     mask = scan_info(wildcards.scan).get("mask", "")
     if PREPROCESS["skull_strip"] == "precomputed" and mask:
