@@ -550,8 +550,8 @@ def run_summary(config: dict, split_df: pd.DataFrame, excluded: pd.DataFrame, me
                        f"{config.get('preprocess', {}).get('spacing_mm')} mm voxels, "
                        f"{config.get('preprocess', {}).get('field_of_view_mm')} mm field of view)"),
         ("Masks", "head masks (skull_strip: none): every 'head' metric covers scalp and skull"
-         if mask_kind(metrics) == "head" else f"brain masks (skull_strip: "
-                                             f"{config.get('preprocess', {}).get('skull_strip')})"),
+         if mask_kind(metrics) == "head" else "brain masks (skull_strip: "
+         f"{metric_value(metrics, ('preprocess', 'skull_strip')) or config.get('preprocess', {}).get('skull_strip')})"),
         ("Bottleneck", f"{config.get('vqvae', {}).get('bottleneck')}, "
                        f"{metric_value(metrics, ('codebook', 'codebook_size'))} codes"),
         (f"{mask_kind(metrics).capitalize()}-box SSIM (mean over test subjects, 95% CI)",

@@ -186,7 +186,7 @@ def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path
         assert all(anomaly[method][key] is not None for key in ("auroc", "auprc", "dice"))
         assert set(anomaly[method]["by_lesion"]) == {"bright_small", "bright_large", "dark_small", "dark_large"}
     assert 0 < anomaly["healing"]["replaced_code_share"] < 1
-    assert m["preprocess"] == {"pixel_mm": None, "mask_kind": None, "size": 32}
+    assert m["preprocess"] == {"pixel_mm": None, "mask_kind": None, "skull_strip": None, "size": 32}
     assert list(result.figures["examples_label"]) == ["best", "median", "worst"]
     assert set(reporting.FIGURE_ARRAYS) <= set(result.figures)  # everything the report draws
     assert result.figures["samples_images"].shape[:2] == (6, 3)  # 6 of the 8 distinct sample positions

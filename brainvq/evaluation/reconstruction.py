@@ -84,11 +84,12 @@ def example_triplets(per_scan: pd.DataFrame, examples: dict) -> dict:
 
 def preprocessing_facts(shard_attrs: dict) -> dict:
     """Return what the numbers are measured on: ``pixel_mm`` (one pixel size for the run), ``mask_kind`` (``brain``
-    or ``head``: what the "brain" metrics' mask covers), image ``size`` (None where the shards do not say)."""
+    or ``head``: what the "brain" metrics' mask covers), the ``skull_strip`` method, image ``size`` (None where
+    the shards do not say)."""
     pixel = shard_attrs.get("pixel_mm")
     size = shard_attrs.get("size")
     return {"pixel_mm": float(pixel) if pixel is not None else None, "mask_kind": shard_attrs.get("mask_kind"),
-            "size": int(size) if size is not None else None}
+            "skull_strip": shard_attrs.get("skull_strip"), "size": int(size) if size is not None else None}
 
 
 def reconstruction_section(run: EvaluationRun) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
