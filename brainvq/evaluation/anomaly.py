@@ -31,7 +31,8 @@ from brainvq.measures.anomaly import (
     upsampled_mask,
     zscore_scores,
 )
-from brainvq.prior import decode_codes, label_indices
+from brainvq.prior import label_indices
+from brainvq.sampling import decode_codes
 
 MODEL_FREE = ("mean_slice", "zscore")
 
