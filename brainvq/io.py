@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 # Scan keys become file stems and the {scan} wildcard; "_mask" is refused because
 # brain/{scan}_mask.nii.gz would otherwise also match brain/{scan}.nii.gz.
 SCAN_KEY_PATTERN = r"(?:(?!_mask)[A-Za-z0-9_-])+"
-SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation"]
+SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation", "mask"]
+# A precomputed brain mask lives beside its volume, named like it with this before the extension
+# (IXI002-Guys-0828-T1_brainmask.nii.gz, OAS1_0001_MR1_mpr-1_anon_brainmask.hdr); preprocess.skull_strip
+# 'precomputed' uses it.
+BRAIN_MASK_SUFFIX = "_brainmask"
 EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
 DISCOVERY_STAGE = "discover_subjects"
 
@@ -101,6 +105,25 @@ def volume_kind(path: Path) -> str:
         f"{path}: unknown volume format; convert it to NIfTI (.nii/.nii.gz) or Analyze (.hdr + .img), "
         "or move it out of the raw folder"
     )
+
+
+def volume_stem_and_extension(path: Path) -> tuple[str, str]:
+    """Return (name without extension, extension) of a volume file: ``.nii.gz`` counts as one extension."""
+    name = path.name
+    extension = name[-7:] if name.lower().endswith(".nii.gz") else path.suffix
+    return name[: len(name) - len(extension)], extension
+
+
+def brain_mask_path(path: str | Path) -> Path:
+    """Return where a volume's precomputed brain mask lives: beside it, ``<stem>_brainmask<extension>``."""
+    path = Path(path)
+    stem, extension = volume_stem_and_extension(path)
+    return path.with_name(f"{stem}{BRAIN_MASK_SUFFIX}{extension}")
+
+
+def is_brain_mask_path(path: str | Path) -> bool:
+    """Return whether a file is a precomputed brain mask (never a scan of its own)."""
+    return volume_stem_and_extension(Path(path))[0].endswith(BRAIN_MASK_SUFFIX)
 
 
 def pair_paths(path: Path) -> tuple[Path, Path]:
@@ -303,9 +326,11 @@ def header_format(path: Path) -> str:
 
 
 def scan_row(scan: str, subject: str, session: str, path: Path, orientation: str | None) -> dict:
-    """Return one subjects.tsv row; ``orientation`` is kept only where the header lacks one."""
+    """Return one subjects.tsv row; ``orientation`` is kept only where the header lacks one, and ``mask`` is the
+    precomputed brain mask beside the volume (``brain_mask_path``), '' when there is none."""
     fmt = header_format(path) if path.exists() else ("nifti" if volume_kind(path) == "nifti" else "analyze")
     needs_orientation = not (path.exists() and header_describes_orientation(path))
+    mask = brain_mask_path(path)
     return {
         "scan": scan,
         "subject": subject,
@@ -313,6 +338,7 @@ def scan_row(scan: str, subject: str, session: str, path: Path, orientation: str
         "path": str(path),
         "format": fmt,
         "orientation": (orientation or "") if needs_orientation else "",
+        "mask": str(mask) if mask.exists() else "",
     }
 
 

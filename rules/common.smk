@@ -37,7 +37,8 @@ wildcard_constraints:
     scan=SCAN_KEY_PATTERN,
 
 
-PREPROCESS = config["preprocess"]
+# The preprocess section as the rules use it: skull_strip 'auto' resolved to the source's default.
+PREPROCESS = SOURCE.resolved_preprocess(config["preprocess"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,6 +84,19 @@ def raw_volume_files(wildcards):
     if path.lower().endswith(".hdr"):
         return {"volume": path, "pair": str(pair_paths(Path(path))[1])}
     return {"volume": path}
+
+
+def skull_strip_files(wildcards):
+    """Input function (unpack): 'ras', the scan's RAS volume, and with skull_strip 'precomputed' its mask file
+    found beside the raw volume ('precomputed_mask', and 'precomputed_mask_pair' for an Analyze .img).
+    """
+    files = {"ras": out(f"ras/{wildcards.scan}.nii.gz")}
+    mask = scan_info(wildcards.scan).get("mask", "")
+    if PREPROCESS["skull_strip"] == "precomputed" and mask:
+        files["precomputed_mask"] = mask
+        if mask.lower().endswith(".hdr"):
+            files["precomputed_mask_pair"] = str(pair_paths(Path(mask))[1])
+    return files
 
 
 def brain_files(wildcards):

@@ -44,7 +44,7 @@ rule reorient:
 
 rule skull_strip:
     input:
-        out("ras/{scan}.nii.gz"),
+        unpack(skull_strip_files),
     output:
         brain=out("brain/{scan}.nii.gz"),
         mask=out("brain/{scan}_mask.nii.gz"),
@@ -61,6 +61,8 @@ rule skull_strip:
         bet_fractional_threshold=PREPROCESS["bet_fractional_threshold"],
         bet_iterations=PREPROCESS["bet_iterations"],
         on_error=PREPROCESS["on_error"],
+        # A precomputed mask file is read as its volume is (Analyze headers carry no orientation).
+        orientation=lambda wildcards: scan_info(wildcards.scan)["orientation"],
     script:
         "../workflow_scripts/skull_strip.py"
 

@@ -15,7 +15,7 @@ rule write_shards:
         "../envs/preprocess.yaml"
     threads: 1
     params:
-        preprocess=config["preprocess"],
+        preprocess=PREPROCESS,
         source=SOURCE.name,
     script:
         "../workflow_scripts/write_shards.py"

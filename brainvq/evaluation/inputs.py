@@ -71,6 +71,7 @@ class EvaluationRun:
         samples: samples.h5 as arrays (``read_samples``).
         model: the VQ-VAE (eval mode); prior: its scorer; codebook_size: K; device: where both live.
         settings: the ``evaluate`` config section; source_defaults: the data source's ``defaults``.
+        shard_attrs: the first test shard's attributes (``pixel_mm``, ``mask_kind``, ... where written).
     """
 
     split: pd.DataFrame
@@ -86,6 +87,7 @@ class EvaluationRun:
     device: object
     settings: dict
     source_defaults: dict
+    shard_attrs: dict = field(default_factory=dict)
 
     def index_of(self, split: str) -> pd.DataFrame:
         """Return the codes/index.csv rows of ``split`` in (scan, row) order."""
@@ -154,6 +156,12 @@ def read_samples(path: str | Path) -> dict:
     return samples
 
 
+def shard_attributes(path: str | Path) -> dict:
+    """Return a shard's HDF5 attributes as plain Python values."""
+    with h5py.File(path, "r") as f:
+        return {key: value.item() if isinstance(value, np.generic) else value for key, value in f.attrs.items()}
+
+
 def code_maps_by_scan(codes_dir: str | Path, index: pd.DataFrame) -> dict[str, np.ndarray]:
     """Return each scan's code maps ``(n_slices, h, w)`` listed in ``index`` (codes/index.csv rows), in ``row``
     order."""
@@ -179,5 +187,5 @@ def evaluation_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook
         test_paths=test_paths, test_slices=shard_index(test_paths),
         codes=code_maps_by_scan(inputs.codes_dir, index), code_index=index, samples=read_samples(inputs.samples),
         model=model, prior=prior, codebook_size=codebook_size, device=device, settings=settings,
-        source_defaults=source_defaults,
+        source_defaults=source_defaults, shard_attrs=shard_attributes(test_paths[0]),
     )

@@ -12,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 
 from brainvq.demographics import COLUMNS, read_participants_tsv, with_scanned_subjects
-from brainvq.io import SCAN_KEY_PATTERN, MissingOrientationError, ScanKeyError, pair_paths, scan_row, visible_files
+from brainvq.io import (
+    SCAN_KEY_PATTERN,
+    MissingOrientationError,
+    ScanKeyError,
+    is_brain_mask_path,
+    pair_paths,
+    scan_row,
+    visible_files,
+)
 from brainvq.sources import Source, SourceError
 
 
@@ -39,7 +47,8 @@ def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
 
 
 def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | None) -> list[dict]:
-    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root``, keyed by ``subject_regex``.
+    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root`` that is not a ``*_brainmask`` file, keyed
+    by ``subject_regex``.
 
     Raises:
         MissingOrientationError: Analyze files are present but ``analyze_orientation`` is not set.
@@ -48,8 +57,8 @@ def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | No
     rows = []
     for path in visible_files(raw_root):
         name = path.name.lower()
-        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-            continue
+        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")) or is_brain_mask_path(path):
+            continue  # a precomputed brain mask belongs to the volume beside it (scan_row's 'mask')
         # A pair is found through its .hdr; a lone .img still becomes a row so its missing .hdr is reported.
         if name.endswith(".img") and pair_paths(path)[0].exists():
             continue
@@ -68,7 +77,7 @@ class Local(Source):
     name = "local"
     kind = "folder"
     layout = ".nii, .nii.gz or .hdr/.img files (at any depth)"
-    defaults = {"stratify": None, "probe_target": "sex"}
+    defaults = {"stratify": None, "probe_target": "sex", "skull_strip": "none"}
     attribution_html = """\
 <p>This run uses local data supplied by the user (<code>dataset.local_dir</code>). Add its source, licence and
 citation here before sharing results.</p>
