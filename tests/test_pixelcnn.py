@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -93,3 +95,35 @@ def test_model_refuses_maps_of_another_size():
 def test_even_kernel_size_is_rejected():
     with pytest.raises(ValueError, match="odd"):
         GatedPixelCNN(codebook_size=K, kernel_size=4)
+
+
+def test_dilated_layers_stay_causal_and_cover_the_whole_map():
+    # Kernel 5 with dilations 1, 2, 4 reaches 14 rows and columns in three layers, where undilated ones reach 6.
+    model = tiny_model(kernel_size=5, dilations=(1, 2, 4))
+    assert model.reach == 14
+    for i, j in ((0, 4), (3, 4), (H - 1, W - 1)):
+        assert not input_dependence(model, i, j).flatten()[i * W + j :].any()
+    corner = input_dependence(model, H - 1, W - 1)
+    assert corner[0, 0] and corner[0, W - 1] and corner[H - 1, 0]
+    assert not input_dependence(tiny_model(kernel_size=5), H - 1, W - 1)[0, 0]
+
+
+def test_raster_logits_of_a_dilated_model_equal_full_forward_logits():
+    model = tiny_model(kernel_size=5, layers=3, dilations=(1, 3))
+    codes = torch.randint(0, K, (2, H, W), generator=torch.Generator().manual_seed(3))
+    positions, labels = torch.tensor([0.2, 0.7]), torch.tensor([1, 0])
+    with torch.no_grad():
+        full = model(codes, positions, labels)
+        for i, j, logits in model.raster_logits(codes.clone(), model.condition(positions, labels)):
+            torch.testing.assert_close(logits, full[:, :, i, j], atol=1e-5, rtol=1e-4)
+
+
+def test_code_bits_average_to_the_cross_entropy_of_the_logits():
+    model = tiny_model()
+    codes = torch.randint(0, K, (2, H, W), generator=torch.Generator().manual_seed(4))
+    positions, labels = torch.tensor([0.2, 0.7]), torch.tensor([1, 0])
+    with torch.no_grad():
+        bits = model.code_bits(codes, positions, labels)
+        expected = torch.nn.functional.cross_entropy(model(codes, positions, labels), codes) / math.log(2)
+    assert bits.shape == (2, H, W)
+    torch.testing.assert_close(bits.mean(), expected)

@@ -13,7 +13,7 @@ embedding) enters every gated layer as a per-channel bias, as in the paper's con
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,21 +68,28 @@ class GatedLayer(nn.Module):
     Args:
         channels: feature channels of both stacks.
         kernel_size: odd width k of the vertical kernel (k//2 + 1 rows by k columns); the horizontal
-            kernel is 1 row by k//2 + 1 columns. Each layer grows the receptive field by k//2.
+            kernel is 1 row by k//2 + 1 columns. Each layer grows the receptive field by its ``reach``.
         cond_channels: size of the conditioning vector.
+        dilation: spacing of the kernel taps in rows and columns; the layer then reaches
+            ``dilation * (kernel_size // 2)`` rows up and columns sideways at the cost of an undilated kernel.
+        dropout: share of the gated activations zeroed in training (regularises a prior on few maps).
     """
 
-    def __init__(self, channels: int = 64, kernel_size: int = 3, cond_channels: int = 32):
+    def __init__(self, channels: int = 64, kernel_size: int = 3, cond_channels: int = 32, dilation: int = 1,
+                 dropout: float = 0.0):
         super().__init__()
         if kernel_size < 3 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
-        self.reach = kernel_size // 2
-        self.vertical = nn.Conv2d(channels, 2 * channels, (self.reach + 1, kernel_size))
-        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, self.reach + 1))
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        self.reach = dilation * (kernel_size // 2)
+        self.vertical = nn.Conv2d(channels, 2 * channels, (kernel_size // 2 + 1, kernel_size), dilation=dilation)
+        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, kernel_size // 2 + 1), dilation=dilation)
         self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.horizontal_out = nn.Conv2d(channels, channels, 1)
         self.skip = nn.Conv2d(channels, channels, 1)
         self.condition = nn.Linear(cond_channels, 4 * channels)
+        self.dropout = nn.Dropout(dropout)
 
     def condition_biases(self, cond: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """Return the (vertical, horizontal) biases, each (B, 2C, 1, 1), from the conditioning vector."""
@@ -97,8 +104,13 @@ class GatedLayer(nn.Module):
 
     def horizontal_step(self, x_h: torch.Tensor, v_pre: torch.Tensor, h_bias) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (next horizontal input, skip) from the horizontal input and the vertical pre-activation."""
-        h_pre = self.horizontal(F.pad(x_h, (self.reach, 0, 0, 0))) + self.vertical_to_horizontal(v_pre) + h_bias
-        gated = gated_activation(h_pre)
+        return self.horizontal_update(x_h, self.horizontal(F.pad(x_h, (self.reach, 0, 0, 0))), v_pre, h_bias)
+
+    def horizontal_update(self, x_h: torch.Tensor, h_conv: torch.Tensor, v_pre: torch.Tensor,
+                          h_bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (next horizontal input, skip) from the horizontal input, its causal convolution ``h_conv`` and
+        the vertical pre-activation, all at the same positions."""
+        gated = self.dropout(gated_activation(h_conv + self.vertical_to_horizontal(v_pre) + h_bias))
         return x_h + self.horizontal_out(gated), self.skip(gated)
 
     def forward(self, x_v: torch.Tensor, x_h: torch.Tensor, cond: torch.Tensor | None = None):
@@ -115,9 +127,12 @@ class GatedPixelCNN(nn.Module):
     Args:
         codebook_size: K, the number of code values (logits per position).
         channels: feature channels of the gated stacks.
-        layers: number of gated layers (receptive field: ``layers * (kernel_size // 2)`` rows above and
-            columns to the left, plus one).
+        layers: number of gated layers (receptive field: the sum of their reaches, ``dilation * (kernel_size // 2)``
+            each, rows above and columns to either side, plus one).
         kernel_size: odd vertical kernel width (see :class:`GatedLayer`).
+        dilations: dilation of each layer, repeated over the layers (``(1, 2, 4, 8)`` with kernel 5 reaches 30
+            rows in four layers: a 32x32 map is covered whole by eight layers, where undilated ones see 16).
+        dropout: dropout on each layer's gated activations in training.
         cond_channels: size of the conditioning vector from position (and label).
         position_frequencies: Fourier octaves of the slice position encoder.
         n_labels: classes of the optional categorical label; 0 for an unconditional-by-label model.
@@ -138,6 +153,8 @@ class GatedPixelCNN(nn.Module):
         n_labels: int = 0,
         map_size: tuple[int, int] | None = None,
         head_channels: int = 128,
+        dilations: Sequence[int] = (1,),
+        dropout: float = 0.0,
     ):
         super().__init__()
         if codebook_size < 2:
@@ -153,7 +170,12 @@ class GatedPixelCNN(nn.Module):
         )
         self.position_encoder = PositionEncoder(cond_channels, position_frequencies)
         self.label_embedding = nn.Embedding(n_labels, cond_channels) if n_labels > 0 else None
-        self.layers = nn.ModuleList(GatedLayer(channels, kernel_size, cond_channels) for _ in range(layers))
+        if not dilations:
+            raise ValueError("dilations must name at least one dilation")
+        self.layers = nn.ModuleList(
+            GatedLayer(channels, kernel_size, cond_channels, dilations[k % len(dilations)], dropout)
+            for k in range(layers)
+        )
         self.head = nn.Sequential(
             nn.ReLU(), nn.Conv2d(channels, head_channels, 1), nn.ReLU(), nn.Conv2d(head_channels, codebook_size, 1)
         )
@@ -195,6 +217,11 @@ class GatedPixelCNN(nn.Module):
         self._check_map(codes)
         return self.logits_from_embedding(self.embed(codes), self.condition(position, label))
 
+    def code_bits(self, codes: torch.Tensor, position: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the negative log-likelihood in bits of every code (B, h, w) of code maps (B, h, w) long."""
+        logits = self(codes, position, label)
+        return F.cross_entropy(logits.float(), codes, reduction="none") / math.log(2)
+
     def _check_map(self, codes: torch.Tensor) -> None:
         if self.map_size is not None and tuple(codes.shape[-2:]) != self.map_size:
             raise ValueError(f"code maps are {tuple(codes.shape[-2:])} but this model was built for {self.map_size}")
@@ -203,8 +230,8 @@ class GatedPixelCNN(nn.Module):
         """Yield ``(i, j, logits (B, K))`` in raster order, reading ``codes[:, :i+1]`` as they are filled in.
 
         The caller may write ``codes[:, i, j]`` after each yield (sampling). The logits equal those of
-        :meth:`forward` at (i, j), but cost one row of the vertical stack per row and a window of
-        ``reach + 1`` columns of the horizontal stack per position, instead of a whole map per position.
+        :meth:`forward` at (i, j), but cost one row of the vertical stack per row and one column of the
+        horizontal stack per position (each layer's inputs are kept), instead of a whole map per position.
         """
         self._check_map(codes)
         batch, h, w = codes.shape
@@ -227,12 +254,19 @@ class GatedPixelCNN(nn.Module):
                 if x_v[index + 1] is None:
                     x_v[index + 1] = out_v.new_zeros(batch, out_v.shape[1], h, w)
                 x_v[index + 1][:, :, i] = out_v[:, :, 0]
+            # x_h[l] holds the horizontal stack's input to layer l along row i, filled in column by column.
+            x_h = [x_v[0].new_zeros(batch, x_v[0].shape[1], 1, w) for _ in self.layers]
             for j in range(w):
-                start = max(0, j - self.reach - 1)
-                columns = slice(start, j + 1)
-                x_h = shift_right(self.embed(codes[:, i : i + 1, columns], slice(i, i + 1), columns))
+                if j > 0:
+                    x_h[0][:, :, :, j] = self.embed(codes[:, i : i + 1, j - 1 : j], slice(i, i + 1),
+                                                    slice(j - 1, j))[:, :, :, 0]
                 skips = 0.0
                 for index, layer in enumerate(self.layers):
-                    x_h, skip = layer.horizontal_step(x_h, v_pres[index][:, :, :, columns], biases[index][1])
+                    window = x_h[index][:, :, :, max(0, j - layer.reach) : j + 1]
+                    h_conv = layer.horizontal(F.pad(window, (layer.reach + 1 - window.shape[3], 0, 0, 0)))
+                    v_pre = v_pres[index][:, :, :, j : j + 1]
+                    out_h, skip = layer.horizontal_update(window[:, :, :, -1:], h_conv, v_pre, biases[index][1])
+                    if index + 1 < len(self.layers):
+                        x_h[index + 1][:, :, :, j] = out_h[:, :, :, 0]
                     skips = skips + skip
-                yield i, j, self.head(skips[:, :, :, -1:])[:, :, 0, 0]
+                yield i, j, self.head(skips)[:, :, 0, 0]
