@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,7 @@ class GenerationJudge:
         train_images: slice positions -> training slices matched to them (the real-vs-real references).
         position_model: the position regressor (its features are the independent feature space).
         copy_thresholds: ``{"hamming", "ssim"}`` from known copies, with their calibration in ``copy_calibration``.
+        decoded_training: training maps decoded so far, by index (decoding is the judge's largest cost).
     """
 
     settings: dict
@@ -68,6 +69,7 @@ class GenerationJudge:
     position_model: SliceCNN
     copy_thresholds: dict
     copy_calibration: dict
+    decoded_training: dict = field(default_factory=dict)
 
     def matched_test_rows(self, positions: np.ndarray) -> np.ndarray:
         """Return one real test slice per generated slice, at a similar position (seeded)."""
@@ -85,8 +87,15 @@ class GenerationJudge:
         hamming, nearest = self.nearest_training_maps(codes, positions)
         found = nearest >= 0
         decoded = np.full((*nearest.shape, *images.shape[1:]), np.nan, np.float32)
-        decoded[found] = self.decode(self.train_codes[nearest[found]])
+        decoded[found] = self.decoded_training_maps(nearest[found])
         return {"hamming": hamming[:, 0], "ssim": highest_decoded_ssim(images, decoded), "nearest": nearest[:, 0]}
+
+    def decoded_training_maps(self, indices: np.ndarray) -> np.ndarray:
+        """Return the training code maps at ``indices`` decoded, each decoded once per judge."""
+        missing = sorted(set(indices.tolist()) - set(self.decoded_training))
+        if missing:
+            self.decoded_training.update(zip(missing, self.decode(self.train_codes[missing])))
+        return np.stack([self.decoded_training[i] for i in indices.tolist()])
 
 
 def fit_judge(settings: dict, codebook_size: int, decode, train_codes: np.ndarray, train_positions: np.ndarray,
