@@ -111,9 +111,10 @@ def stage_timings(raw_root: Path, slices_dir: Path, config: dict, n_bet: int, lo
     from brainvq.data import write_slices_h5
     from brainvq.io import find_scans, load_volume
     from brainvq.preprocessing import reorient_to_ras, resample_isotropic, scan_slices, skull_strip
+    from brainvq.sources import get_source
 
     settings = config["preprocess"]
-    scans = find_scans("demo", raw_root, config)
+    scans = find_scans(get_source("demo"), raw_root, config)
     stages = {name: {"wall_s": [], "cpu_s": []} for name in
               ("reorient", "skull_strip_none", "skull_strip_bet", "slice_normalise_downsample", "slice_file_write")}
 

@@ -1,9 +1,10 @@
 """Acquire the public datasets: resumable, verified downloads, a manifest, and safe extraction.
 
-A dataset (``ixi``, ``oasis1``, ``oasis2``) is a list of remote files (archives and one demographics
-sheet) described in the ``datasets.<name>`` section of the config; ``download.*`` says how to get
-them (mirror, local copies, retries). Every file that lands in ``resources/<dataset>/downloads/`` is
-recorded with its SHA-256 in ``resources/<dataset>/MANIFEST.tsv``.
+A downloadable source (``brainvq.sources``, kind 'download') plans a list of remote files (archives
+and one demographics sheet), usually from its ``datasets.<name>`` section of the config (see
+:func:`section_files`); ``download.*`` says how to get them (mirror, local copies, retries). Every
+file that lands in ``resources/<dataset>/downloads/`` is recorded with its SHA-256 in
+``resources/<dataset>/MANIFEST.tsv``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from brainvq.files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("ixi", "oasis1", "oasis2")
 MANIFEST_COLUMNS = ("file", "bytes", "sha256", "md5", "url", "date")
 CHUNK_BYTES = 1 << 20
 MAX_BACKOFF_S = 120.0
@@ -74,61 +74,6 @@ class TermsNotAcceptedError(AcquireError):
     """A dataset's data use agreement has not been accepted in the config."""
 
 
-# --------------------------------------------------------------------------------------------- terms
-
-TERMS = {
-    "ixi": (
-        "IXI dataset (https://brain-development.org/ixi-dataset/), Imperial College London.\n"
-        "Licence: Creative Commons Attribution-ShareAlike 3.0 Unported (CC BY-SA 3.0),\n"
-        "https://creativecommons.org/licenses/by-sa/3.0/. Credit the IXI dataset and share derived data\n"
-        "under the same licence."
-    ),
-    "oasis1": (
-        "OASIS-1 (Open Access Series of Imaging Studies, cross-sectional), https://sites.wustl.edu/oasisbrains/.\n"
-        "Use requires agreeing to the OASIS Data Use Agreement: research/education use, no attempt to\n"
-        "identify participants, no redistribution of the data, and acknowledgement in publications.\n"
-        "Cite: Marcus DS, Wang TH, Parker J, Csernansky JG, Morris JC, Buckner RL (2007). Open Access Series\n"
-        "of Imaging Studies (OASIS): cross-sectional MRI data in young, middle aged, nondemented, and\n"
-        "demented older adults. J Cogn Neurosci 19(9):1498-1507. doi:10.1162/jocn.2007.19.9.1498\n"
-        "Acknowledge: OASIS-1: Cross-Sectional: Principal Investigators: D. Marcus, R. Buckner,\n"
-        "J. Csernansky, J. Morris; P50 AG05681, P01 AG03991, P01 AG026276, R01 AG021910, P20 MH071616,\n"
-        "U24 RR021382."
-    ),
-    "oasis2": (
-        "OASIS-2 (Open Access Series of Imaging Studies, longitudinal), https://sites.wustl.edu/oasisbrains/.\n"
-        "Use requires agreeing to the OASIS Data Use Agreement: research/education use, no attempt to\n"
-        "identify participants, no redistribution of the data, and acknowledgement in publications.\n"
-        "Cite: Marcus DS, Fotenos AF, Csernansky JG, Morris JC, Buckner RL (2010). Open Access Series of\n"
-        "Imaging Studies: longitudinal MRI data in nondemented and demented older adults.\n"
-        "J Cogn Neurosci 22(12):2677-2684. doi:10.1162/jocn.2009.21407\n"
-        "Acknowledge: OASIS-2: Longitudinal: Principal Investigators: D. Marcus, R. Buckner,\n"
-        "J. Csernansky, J. Morris; P50 AG05681, P01 AG03991, P01 AG026276, R01 AG021910, P20 MH071616,\n"
-        "U24 RR021382."
-    ),
-}
-
-
-def terms_text(dataset: str) -> str:
-    """Return the licence / data use terms and citation of ``dataset`` (ixi, oasis1, oasis2)."""
-    if dataset not in TERMS:
-        raise KeyError(f"no terms for dataset {dataset!r}; known: {', '.join(TERMS)}")
-    return TERMS[dataset]
-
-
-def require_terms_accepted(dataset: str, config: dict) -> None:
-    """Raise TermsNotAcceptedError for an OASIS dataset unless ``datasets.oasis.accept_terms`` is true."""
-    if not dataset.startswith("oasis"):
-        return
-    if config.get("datasets", {}).get("oasis", {}).get("accept_terms", False) is True:
-        return
-    raise TermsNotAcceptedError(
-        f"{dataset} may only be used after agreeing to the OASIS Data Use Agreement.\n\n"
-        f"{terms_text(dataset)}\n\n"
-        "If you agree, add these lines to your config file (e.g. config/" + dataset + ".yaml):\n"
-        "datasets:\n  oasis:\n    accept_terms: true\n"
-    )
-
-
 # ------------------------------------------------------------------------------------ remote files
 
 
@@ -149,22 +94,18 @@ def _mirrored(url: str, base_url: str | None) -> str:
     return base_url.rstrip("/") + "/" + PurePosixPath(urllib.parse.urlparse(url).path).name
 
 
-def dataset_files(dataset: str, config: dict) -> list[RemoteFile]:
-    """Return the archives then the demographics file of ``dataset`` as configured.
+def section_files(section: dict, archive_urls: list[str], base_url: str | None) -> list[RemoteFile]:
+    """Return the archives then the demographics sheet of a ``datasets.<name>`` config section.
 
-    A URL is, in order of precedence: ``datasets.<name>.urls[<file>]``, ``download.base_url`` with the
-    default URL's file name appended, the default URL.
+    Args:
+        section: the source's section: ``demographics_url``, ``demographics_file``, and the ``urls``,
+            ``md5`` and ``sha256`` maps keyed by local file name.
+        archive_urls: the default URLs of the archives; an archive's local name is its URL's file name.
+        base_url: ``download.base_url`` (a mirror), or None.
+
+    A URL is, in order of precedence: ``section["urls"][<file>]``, ``base_url`` with the default URL's
+    file name appended, the default URL.
     """
-    if dataset not in DATASETS:
-        raise KeyError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    section = config["datasets"][dataset]
-    if dataset == "ixi":
-        archive_urls = [section["archive_url"]]
-    elif dataset == "oasis1":
-        archive_urls = [section["archive_url"].format(disc=disc) for disc in section["discs"]]
-    else:
-        archive_urls = [section["archive_url"].format(part=part) for part in section["parts"]]
-    base_url = config["download"]["base_url"]
     overrides, md5s, sha256s = section["urls"], section["md5"], section["sha256"]
     files = []
     for kind, name, url in [
@@ -183,12 +124,12 @@ def dataset_files(dataset: str, config: dict) -> list[RemoteFile]:
     return files
 
 
-def dataset_file(dataset: str, name: str, config: dict) -> RemoteFile:
-    """Return the RemoteFile called ``name`` of ``dataset``."""
-    for remote in dataset_files(dataset, config):
+def planned_file(source, name: str, config: dict) -> RemoteFile:
+    """Return the RemoteFile called ``name`` in the ``download_plan`` of ``source`` (a brainvq.sources.Source)."""
+    for remote in source.download_plan(config):
         if remote.name == name:
             return remote
-    raise KeyError(f"{name!r} is not a file of dataset {dataset}")
+    raise KeyError(f"{name!r} is not a file of dataset {source.name}")
 
 
 # --------------------------------------------------------------------------------------- manifest
@@ -502,16 +443,18 @@ def _link_or_copy(source: Path, dest: Path) -> None:
     os.replace(_linked_or_copied_temp(source, dest), dest)
 
 
-def acquire_file(dataset: str, name: str, config: dict, *, progress: bool = True) -> Path:
-    """Put file ``name`` of ``dataset`` into ``<resources_dir>/<dataset>/downloads/`` and return its path.
+def acquire_file(source, name: str, config: dict, *, progress: bool = True) -> Path:
+    """Put file ``name`` of ``source`` into ``<resources_dir>/<dataset>/downloads/`` and return its path.
+
+    ``source`` is the dataset's ``brainvq.sources.Source``; ``name`` one file of its ``download_plan``.
 
     Uses ``download.local_archive_dir`` when the file is there, else downloads it; records it in
     ``<resources_dir>/<dataset>/MANIFEST.tsv``. A verified file is also hard-linked into
     ``<resources_dir>/<dataset>/verified/`` (no extra space): when Snakemake deletes the download to
     re-run the rule (its script changed, say), the file comes back from there instead of the network.
     """
-    remote = dataset_file(dataset, name, config)
-    root = dataset_dir(dataset, config["resources_dir"])
+    remote = planned_file(source, name, config)
+    root = dataset_dir(source.name, config["resources_dir"])
     dest, manifest, kept = root / "downloads" / name, root / "MANIFEST.tsv", root / "verified" / name
     if not dest.exists() and _already_verified(kept, manifest, remote.md5, remote.sha256):
         dest.parent.mkdir(parents=True, exist_ok=True)

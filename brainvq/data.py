@@ -238,10 +238,11 @@ def held_out_subjects(subjects: Sequence[str], fraction: float, seed: int,
     return set(subjects[out_index])
 
 
-def stratify_column(split_config: dict, source: str) -> str | None:
-    """Return the participants column to stratify by: ``split.stratify``, or its per-source default for 'auto'."""
+def stratify_column(split_config: dict, source_defaults: dict) -> str | None:
+    """Return the participants column to stratify by: ``split.stratify``, or for 'auto' the source's
+    (``source_defaults``: ``Source.defaults``)."""
     if split_config["stratify"] == "auto":
-        return split_config["stratify_by_source"].get(source)
+        return source_defaults["stratify"]
     return split_config["stratify"]
 
 

@@ -1,7 +1,8 @@
-"""Participants tables: each source's demographics normalised to one set of columns.
+"""Participants tables: reading demographics sheets and matching them to the discovered scans.
 
 Every table has ``subject, session, site, age, sex`` (sex ``M``/``F``, age in years) followed by the
-source's other columns with lower-case snake_case names (``cdr``, ``mmse``, ``educ``, ...).
+source's other columns with lower-case snake_case names (``cdr``, ``mmse``, ``educ``, ...). Each
+source's own sheet conventions live in its module in ``brainvq/sources/``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 COLUMNS = ["subject", "session", "site", "age", "sex"]
-# IXI###-<site>-####-T1.nii.gz: the acquisition site is only in the file name, not in IXI.xls.
-IXI_FILE_PATTERN = re.compile(r"IXI(?P<id>\d{3})-(?P<site>Guys|HH|IOP)-\d{4}")
-IXI_SEX = {1: "M", 2: "F"}
-SOURCES_WITH_SHEETS = ("ixi", "oasis1", "oasis2")
 
 
 class DemographicsError(ValueError):
@@ -97,7 +94,8 @@ def read_sheet(path: str | Path) -> pd.DataFrame:
     return table.dropna(how="all").reset_index(drop=True)
 
 
-def _require_columns(table: pd.DataFrame, path: Path, required: list[str]) -> None:
+def require_columns(table: pd.DataFrame, path: Path, required: list[str]) -> None:
+    """Raise DemographicsError naming ``path`` and the ``required`` columns that ``table`` lacks."""
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise DemographicsError(
@@ -106,178 +104,67 @@ def _require_columns(table: pd.DataFrame, path: Path, required: list[str]) -> No
         )
 
 
-def _extras(table: pd.DataFrame, used: list[str]) -> pd.DataFrame:
+def extra_columns(table: pd.DataFrame, used: list[str]) -> pd.DataFrame:
+    """Return the columns of ``table`` not in ``used``, named in snake_case, without the normalised ones."""
     rest = table[[c for c in table.columns if c not in used]].copy()
     rest.columns = [snake_case(c) for c in rest.columns]
     return rest.loc[:, [c for c in rest.columns if c and c not in COLUMNS]]
 
 
-def _sex_from_letters(values: pd.Series) -> pd.Series:
+def sex_from_letters(values: pd.Series) -> pd.Series:
+    """Return ``M``/``F`` from values such as 'M', 'female' (anything else missing)."""
     letters = values.astype("string").str.strip().str.upper().str[:1]
     return letters.where(letters.isin(["M", "F"]), pd.NA)
-
-
-def _ixi_sex_column(table: pd.DataFrame) -> str | None:
-    # The header is 'SEX_ID (1=m, 2=f)'; match its prefix so a reformatted header still works.
-    return next((c for c in table.columns if c.upper().startswith("SEX_ID")), None)
-
-
-def normalise_ixi(path: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """Return (table, duplicated subjects) from IXI.xls.
-
-    ``IXI_ID`` (an integer) becomes ``IXI###``; sex is ``SEX_ID`` 1=M, 2=F; ``site`` is left empty
-    (it is in the image file names, see :func:`ixi_site`). Some IDs appear more than once, at times
-    with different ages. Rule: keep the first row, in file order, that has an ``AGE``; if none has
-    one, the first row. The duplicated subjects are returned and logged.
-    """
-    path = Path(path)
-    table = read_sheet(path)
-    sex_column = _ixi_sex_column(table)
-    _require_columns(table, path, ["IXI_ID", sex_column or "SEX_ID (1=m, 2=f)", "AGE"])
-    ids = pd.to_numeric(table["IXI_ID"], errors="coerce")
-    table = table.loc[ids.notna()].copy()
-    ids = ids.loc[ids.notna()].astype(int)
-    out = pd.DataFrame(
-        {
-            "subject": [f"IXI{i:03d}" for i in ids],
-            "session": pd.NA,
-            "site": pd.NA,
-            "age": pd.to_numeric(table["AGE"], errors="coerce").to_numpy(),
-            "sex": pd.to_numeric(table[sex_column], errors="coerce").map(IXI_SEX).to_numpy(),
-        }
-    )
-    out = pd.concat([out, _extras(table, ["IXI_ID", sex_column, "AGE"]).reset_index(drop=True)], axis=1)
-    duplicated = sorted(out.loc[out["subject"].duplicated(keep=False), "subject"].unique())
-    if duplicated:
-        log.warning(
-            "%s: %d IXI_IDs appear more than once (%s); kept the first row with an AGE for each",
-            path, len(duplicated), ", ".join(duplicated),
-        )
-        # Stable sort: rows with an age first, file order otherwise; then keep the first per subject.
-        order = out["age"].isna().astype(int).sort_values(kind="stable").index
-        out = out.loc[order].drop_duplicates("subject", keep="first").sort_index()
-    return out.reset_index(drop=True), duplicated
-
-
-def ixi_site(file_name: str) -> str | None:
-    """Return the IXI site (Guys, HH, IOP) from an image file name, or None."""
-    match = IXI_FILE_PATTERN.search(Path(str(file_name)).name)
-    return match.group("site") if match else None
-
-
-def _oasis_columns(parts: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """The normalised columns of an OASIS sheet whose IDs were split into ``subject`` and ``session``."""
-    return pd.DataFrame(
-        {
-            "subject": parts["subject"],
-            "session": parts["session"],
-            "site": pd.NA,
-            "age": pd.to_numeric(table["Age"], errors="coerce"),
-            "sex": _sex_from_letters(table["M/F"]),
-        }
-    )
-
-
-def normalise_oasis1(path: str | Path) -> pd.DataFrame:
-    """Return the normalised OASIS-1 sheet (``oasis_cross-sectional`` .csv or .xlsx).
-
-    ``ID`` ``OAS1_0001_MR1`` becomes subject ``OAS1_0001``, session ``MR1``; extras include
-    ``hand, educ, ses, mmse, cdr, etiv, nwbv, asf, delay``.
-    """
-    path = Path(path)
-    table = read_sheet(path)
-    _require_columns(table, path, ["ID", "M/F", "Age", "MMSE", "CDR"])
-    parts = table["ID"].astype(str).str.strip().str.extract(r"^(?P<subject>OAS1_\d{4})_(?P<session>MR\d+)$")
-    if parts["subject"].isna().any():
-        bad = table.loc[parts["subject"].isna(), "ID"].tolist()[:5]
-        raise DemographicsError(f"{path}: IDs {bad} are not of the form OAS1_####_MR#; is this the OASIS-1 sheet?")
-    out = _oasis_columns(parts, table)
-    return pd.concat([out, _extras(table, ["ID", "M/F", "Age"])], axis=1).reset_index(drop=True)
-
-
-def normalise_oasis2(path: str | Path) -> pd.DataFrame:
-    """Return the normalised OASIS-2 sheet (``oasis_longitudinal_demographics.xlsx``), one row per visit.
-
-    ``MRI ID`` ``OAS2_0001_MR2`` gives subject ``OAS2_0001``, session ``MR2``; ``age`` is the age at
-    that visit; extras include ``group, visit, mr_delay, cdr, mmse, educ, ses, etiv, nwbv, asf``.
-    """
-    path = Path(path)
-    table = read_sheet(path)
-    _require_columns(table, path, ["Subject ID", "MRI ID", "Group", "Visit", "M/F", "Age", "MMSE", "CDR"])
-    parts = table["MRI ID"].astype(str).str.strip().str.extract(r"^(?P<subject>OAS2_\d{4})_(?P<session>MR\d+)$")
-    if parts["subject"].isna().any():
-        bad = table.loc[parts["subject"].isna(), "MRI ID"].tolist()[:5]
-        raise DemographicsError(f"{path}: MRI IDs {bad} are not of the form OAS2_####_MR#; is this the OASIS-2 sheet?")
-    mismatch = parts["subject"] != table["Subject ID"].astype(str).str.strip()
-    if mismatch.any():
-        raise DemographicsError(
-            f"{path}: 'Subject ID' and 'MRI ID' disagree in rows {list(table.index[mismatch][:5])}"
-        )
-    out = _oasis_columns(parts, table)
-    return pd.concat([out, _extras(table, ["Subject ID", "MRI ID", "M/F", "Age"])], axis=1).reset_index(drop=True)
 
 
 def _session_key(values: pd.Series) -> pd.Series:
     return values.astype("string").fillna("").str.strip()
 
 
-def dataset_participants(source: str, raw_root: str | Path, config: dict, scans: pd.DataFrame) -> pd.DataFrame:
-    """Return the participants of the discovered ``scans`` of a downloaded dataset (ixi, oasis1, oasis2).
-
-    One row per (subject, session) of ``scans``; rows of the sheet without a scan are dropped, scans
-    without a row get empty values. The IXI site comes from the scan file names (``path`` or
-    ``scan`` column). ``table.attrs["duplicate_subjects"]`` lists subjects repeated in the sheet.
-    """
-    path = Path(raw_root) / config["datasets"][source]["demographics_file"]
-    duplicates: list[str] = []
-    if source == "ixi":
-        sheet, duplicates = normalise_ixi(path)
-    elif source == "oasis1":
-        sheet = normalise_oasis1(path)
-    else:
-        sheet = normalise_oasis2(path)
+def scan_sessions(scans: pd.DataFrame) -> pd.DataFrame:
+    """Return the ``subject`` and ``session`` ('' when none) of each discovered scan."""
     sessions = scans["session"] if "session" in scans else pd.Series([""] * len(scans))
-    wanted = pd.DataFrame(
+    return pd.DataFrame(
         {"subject": scans["subject"].astype(str).to_numpy(), "session": _session_key(sessions).to_numpy()}
     )
-    if source == "ixi":
-        names = scans["path"] if "path" in scans else scans.get("scan", scans["subject"])
-        wanted["site"] = [ixi_site(name) for name in names.astype(str)]
-        sheet = sheet.drop(columns=["session", "site"])
-        table = wanted.drop_duplicates(["subject", "session"]).merge(sheet, on="subject", how="left")
-    else:
+
+
+def sheet_participants(
+    wanted: pd.DataFrame,
+    sheet: pd.DataFrame,
+    on: list[str],
+    path: Path,
+    source: str,
+    duplicates: list[str] | None = None,
+) -> pd.DataFrame:
+    """Return the participants of the discovered scans from a normalised demographics sheet.
+
+    Args:
+        wanted: ``scan_sessions`` of the scans (plus any column known from the scans, e.g. ``site``).
+        sheet: the normalised sheet, without the columns ``wanted`` already has other than ``on``.
+        on: the columns that match a sheet row to a scan (``subject``, and ``session`` for visits).
+        path: the sheet's file, for the log; source: the source's name, for the log.
+        duplicates: subjects repeated in the sheet, kept in ``table.attrs["duplicate_subjects"]``.
+
+    Returns:
+        One row per (subject, session) of ``wanted``; rows of the sheet without a scan are dropped,
+        scans without a row get empty values.
+    """
+    if "session" in on:
         sheet = sheet.assign(session=_session_key(sheet["session"]))
-        table = wanted.drop_duplicates(["subject", "session"]).merge(sheet, on=["subject", "session"], how="left")
+    table = wanted.drop_duplicates(["subject", "session"]).merge(sheet, on=on, how="left")
     table["session"] = table["session"].replace("", pd.NA)
     table = table[COLUMNS + [c for c in table.columns if c not in COLUMNS]]
     table = table.sort_values(["subject", "session"], na_position="first").reset_index(drop=True)
-    table.attrs["duplicate_subjects"] = duplicates
+    table.attrs["duplicate_subjects"] = list(duplicates or [])
     without = int(table["age"].isna().sum())
     if without:
         log.warning("%s: %d of %d scanned subjects/sessions have no age in %s", source, without, len(table), path)
     return table
 
 
-def participants_table(source: str, raw_root: str | Path, config: dict, scans: pd.DataFrame) -> pd.DataFrame:
-    """Return the normalised participants table of a run.
-
-    Args:
-        source: ``dataset.source``.
-        raw_root: the folder holding the raw volumes (and the demo's participants.tsv, or the
-            downloaded dataset's demographics sheet).
-        config: the validated config.
-        scans: the discovered scans (``subject`` and ``session`` columns, ``path`` for IXI sites);
-            subjects without demographics still get a row, with empty values.
-    """
-    raw_root = Path(raw_root)
-    if source in SOURCES_WITH_SHEETS:
-        return dataset_participants(source, raw_root, config, scans)
-    if source == "demo":
-        table = read_participants_tsv(raw_root / "participants.tsv")
-    elif source == "local" and config["dataset"].get("participants"):
-        table = read_participants_tsv(config["dataset"]["participants"])
-    else:
-        table = pd.DataFrame(columns=COLUMNS)
+def with_scanned_subjects(table: pd.DataFrame, scans: pd.DataFrame) -> pd.DataFrame:
+    """Return ``table`` with an empty row added for each subject of ``scans`` it does not list."""
     known = set(table["subject"].astype(str))
     missing = sorted(set(scans["subject"].astype(str)) - known)
     if missing:

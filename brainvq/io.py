@@ -1,4 +1,4 @@
-"""Reading raw T1 volumes (validated at the boundary), discovering a dataset's scans, atomic writers."""
+"""Reading raw T1 volumes (validated at the boundary), discovering a source's scans, atomic writers."""
 
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ SCAN_KEY_PATTERN = r"(?:(?!_mask)[A-Za-z0-9_-])+"
 SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation"]
 EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
 DISCOVERY_STAGE = "discover_subjects"
-
-IXI_NAME = re.compile(r"(IXI\d{3})-(?:Guys|HH|IOP)-\d{4}-T1\.nii\.gz")
-OASIS1_SESSION = re.compile(r"(OAS1_\d{4})_(MR\d)")
-OASIS2_SESSION = re.compile(r"(OAS2_\d{4})_(MR\d+)")
-# For each datasets.oasis1.image: (folder inside the session, glob of the file, conventional name suffix).
-OASIS1_IMAGES = {
-    "raw_mpr1": ("RAW", "*_mpr-1_anon.hdr", "_mpr-1_anon.hdr"),
-    "subj111": ("PROCESSED/MPRAGE/SUBJ_111", "*_sbj_111.hdr", "_mpr_n4_anon_sbj_111.hdr"),
-    "t88_masked": ("PROCESSED/MPRAGE/T88_111", "*_t88_masked_gfc.hdr", "_mpr_n4_anon_111_t88_masked_gfc.hdr"),
-}
-OASIS2_IMAGE = "RAW/mpr-1.nifti.hdr"
 
 
 class VolumeError(ValueError):
@@ -348,138 +337,13 @@ def session_folders(root: Path, pattern: re.Pattern) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def ixi_rows(raw_root: Path) -> list[dict]:
-    """Return rows for IXI T1 files anywhere under ``raw_root``; scan = subject = 'IXI###'."""
-    rows = []
-    for path in visible_files(raw_root):
-        match = IXI_NAME.fullmatch(path.name)
-        if match:
-            rows.append(scan_row(match.group(1), match.group(1), "", path, None))
-    return rows
-
-
-def oasis1_image_path(session_dir: Path, image: str) -> Path:
-    """Return the selected image of an OASIS-1 session (its conventional name when none is there)."""
-    folder, pattern, suffix = OASIS1_IMAGES[image]
-    matches = sorted((session_dir / folder).glob(pattern))
-    return matches[0] if matches else session_dir / folder / f"{session_dir.name}{suffix}"
-
-
-def oasis1_rows(raw_root: Path, image: str, orientation: str, include_mr2: bool) -> list[dict]:
-    """Return rows for OASIS-1 sessions; MR2 (same-day rescans) only with ``include_mr2``."""
-    rows = []
-    for session_dir in session_folders(raw_root, OASIS1_SESSION):
-        subject, session = OASIS1_SESSION.fullmatch(session_dir.name).groups()
-        if session != "MR1" and not include_mr2:
-            continue
-        path = oasis1_image_path(session_dir, image)
-        rows.append(scan_row(session_dir.name, subject, session, path, orientation))
-    return rows
-
-
-def oasis2_rows(raw_root: Path, sessions: str, orientation: str) -> list[dict]:
-    """Return rows for OASIS-2 visits; ``sessions='baseline'`` keeps each subject's first visit."""
-    visits = {}
-    for session_dir in session_folders(raw_root, OASIS2_SESSION):
-        subject, session = OASIS2_SESSION.fullmatch(session_dir.name).groups()
-        visits.setdefault(subject, []).append((int(session[2:]), session, session_dir))
-    rows = []
-    for subject, found in sorted(visits.items()):
-        found.sort()
-        for _, session, session_dir in found[:1] if sessions == "baseline" else found:
-            path = session_dir / OASIS2_IMAGE
-            rows.append(scan_row(session_dir.name, subject, session, path, orientation))
-    return rows
-
-
-def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
-    """Return (scan, subject, session) of a local file from ``dataset.subject_regex``.
-
-    Raises:
-        ScanKeyError: the regex does not match, or gives a key that cannot be a file stem.
-    """
-    match = regex.match(path.name)
-    if not match or not match.groupdict().get("subject"):
-        raise ScanKeyError(
-            f"dataset.subject_regex {regex.pattern!r} does not match the file name of {path} "
-            "(it needs a named group 'subject'); adjust the regex or rename/remove the file"
-        )
-    subject, session = match.group("subject"), match.groupdict().get("session") or ""
-    scan = f"{subject}_{session}" if session else subject
-    if not re.fullmatch(SCAN_KEY_PATTERN, scan):
-        raise ScanKeyError(
-            f"{path}: scan key {scan!r} from dataset.subject_regex may use only letters, digits, '_' and '-' "
-            "(and not contain '_mask'); adjust the regex or rename the file"
-        )
-    return scan, subject, session
-
-
-def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | None) -> list[dict]:
-    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root``, keyed by ``subject_regex``.
-
-    Raises:
-        MissingOrientationError: Analyze files are present but ``analyze_orientation`` is not set.
-    """
-    regex = re.compile(subject_regex)
-    rows = []
-    for path in visible_files(raw_root):
-        name = path.name.lower()
-        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-            continue
-        # A pair is found through its .hdr; a lone .img still becomes a row so its missing .hdr is reported.
-        if name.endswith(".img") and pair_paths(path)[0].exists():
-            continue
-        scan, subject, session = local_scan_key(path, regex)
-        row = scan_row(scan, subject, session, path, analyze_orientation)
-        if name.endswith(".hdr") and row["format"] == "analyze" and not analyze_orientation:
-            raise MissingOrientationError(
-                f"{path} is Analyze, whose header carries no orientation; set dataset.analyze_orientation "
-                "to the voxel axis codes of your Analyze files (e.g. LAS), or convert them to NIfTI"
-            )
-        rows.append(row)
-    return rows
-
-
-def layout_rows(source: str, raw_root: Path, config: dict) -> list[dict]:
-    """Return the candidate rows of ``source``'s folder layout (files not yet validated)."""
-    datasets = config["datasets"]
-    oasis1 = datasets["oasis1"]
-    if source == "demo":
-        # The demo cohort mimics IXI NIfTI and OASIS-1 RAW Analyze files.
-        return ixi_rows(raw_root) + oasis1_rows(
-            raw_root, "raw_mpr1", oasis1["orientation"]["raw_mpr1"], oasis1["include_mr2"]
-        )
-    if source == "ixi":
-        return ixi_rows(raw_root)
-    if source == "oasis1":
-        image = oasis1["image"]
-        return oasis1_rows(raw_root, image, oasis1["orientation"][image], oasis1["include_mr2"])
-    if source == "oasis2":
-        return oasis2_rows(raw_root, datasets["oasis2"]["sessions"], datasets["oasis2"]["orientation"])
-    if source == "local":
-        dataset = config["dataset"]
-        return local_rows(raw_root, dataset["subject_regex"], dataset["analyze_orientation"])
-    raise DiscoveryError(f"unknown dataset.source {source!r}; use one of demo, ixi, oasis1, oasis2, local")
-
-
-def expected_layout(source: str) -> str:
-    """Return a one-line description of ``source``'s file layout, for error messages."""
-    return {
-        "demo": "IXI###-<site>-####-T1.nii.gz files and OAS1_####_MR1/RAW/*_mpr-1_anon.hdr (run the demo_cohort rule)",
-        "ixi": "IXI###-{Guys,HH,IOP}-####-T1.nii.gz files",
-        "oasis1": "OAS1_####_MR# session folders (possibly inside disc folders)",
-        "oasis2": "OAS2_####_MR#/RAW/mpr-1.nifti.hdr session folders",
-        "local": ".nii, .nii.gz or .hdr/.img files (at any depth)",
-    }.get(source, "volumes")
-
-
-def find_scans(source: str, raw_root: str | Path, config: dict) -> pd.DataFrame:
+def find_scans(source, raw_root: str | Path, config: dict) -> pd.DataFrame:
     """Return the candidate scans of ``raw_root`` in ``source``'s layout, without reading voxel data.
 
     Args:
-        source: ``dataset.source`` (demo, ixi, oasis1, oasis2, local).
+        source: the ``brainvq.sources.Source`` of ``dataset.source``; its ``find_rows`` lists the candidates.
         raw_root: the folder holding the raw volumes.
-        config: the validated config (``dataset``, ``datasets`` sections are used).
+        config: the validated config (the source reads its ``discovery_settings`` from it).
 
     Returns:
         A DataFrame with SCANS_COLUMNS, sorted by scan.
@@ -487,17 +351,17 @@ def find_scans(source: str, raw_root: str | Path, config: dict) -> pd.DataFrame:
     Raises:
         NoVolumesFoundError: the folder is missing or holds nothing in the layout.
         DuplicateScanError: two files map to one scan key (both are named).
-        ScanKeyError, MissingOrientationError: for the local layout, see ``local_rows``.
+        ScanKeyError, MissingOrientationError: from the source's ``find_rows`` (e.g. the local layout).
     """
     if raw_root is None:
         raise NoVolumesFoundError("no raw folder is set; with dataset.source: local set dataset.local_dir")
     raw_root = Path(raw_root)
     if not raw_root.is_dir():
         raise NoVolumesFoundError(f"raw folder {raw_root} does not exist; check dataset.source / dataset.local_dir")
-    rows = layout_rows(source, raw_root, config)
+    rows = source.find_rows(raw_root, source.discovery_settings(config))
     if not rows:
         raise NoVolumesFoundError(
-            f"{raw_root} holds no volumes for dataset.source={source}: expected {expected_layout(source)}"
+            f"{raw_root} holds no volumes for dataset.source={source.name}: expected {source.layout}"
         )
     seen = {}
     for row in rows:
@@ -550,12 +414,12 @@ def validate_scans(scans: pd.DataFrame, on_error: str, threads: int = 1) -> tupl
 
 
 def discover_scans_with_exclusions(
-    source: str, raw_root: str | Path, config: dict, threads: int = 1
+    source, raw_root: str | Path, config: dict, threads: int = 1
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (scans, excluded): the validated scans of ``raw_root`` and the rejected inputs.
 
     Args:
-        source: ``dataset.source``.
+        source: the ``brainvq.sources.Source`` of ``dataset.source``.
         raw_root: the folder holding the raw volumes.
         config: the validated config; ``preprocess.on_error`` decides fail or skip.
         threads: loader threads.
@@ -575,7 +439,7 @@ def discover_scans_with_exclusions(
     return scans, excluded
 
 
-def discover_scans(source: str, raw_root: str | Path, config: dict, threads: int = 1) -> pd.DataFrame:
+def discover_scans(source, raw_root: str | Path, config: dict, threads: int = 1) -> pd.DataFrame:
     """Return the validated scans of ``raw_root`` (subjects.tsv columns); see ``discover_scans_with_exclusions``."""
     return discover_scans_with_exclusions(source, raw_root, config, threads)[0]
 

@@ -511,7 +511,7 @@ def render_report(context: dict) -> str:
 
 
 def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figures_dir: str | Path,
-                 repo_dir: str | Path | None = None) -> Path:
+                 repo_dir: str | Path | None = None, *, attribution_html: str) -> Path:
     """Write ``figures_dir/<name>.png`` for each of ``FIGURE_NAMES`` and the self-contained ``html_path``.
 
     Args:
@@ -520,6 +520,7 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         html_path: the HTML file, written last and atomically so a failure never leaves a page that looks done.
         figures_dir: folder for the PNG copies of the figures.
         repo_dir: the checkout whose git commit is reported (default: this package's parent folder).
+        attribution_html: the data source's attribution (``Source.attribution_html``), shown as given.
 
     Returns:
         ``html_path``.
@@ -548,7 +549,7 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
     context = {
         "title": settings["title"],
         "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "source": config["dataset"]["source"],
+        "attribution_html": attribution_html,
         "summary": run_summary(config, split_df, excluded, metrics),
         "reconstruction_table": html_table(reconstruction_table(metrics))[0],
         "metrics_table": html_table(metrics_table(metrics))[0],

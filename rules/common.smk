@@ -1,24 +1,26 @@
 # Config validation (defaults come from config/schema.yaml) and paths shared by every rule.
 import functools
 import os
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
+from brainvq.sources import get_source
 
 validate(config, "../config/schema.yaml")
 
 RUN = config["run"]
 RUN_DIR = f"{config['results_dir']}/{RUN}"
 RESOURCES = config["resources_dir"]
-SOURCE = config["dataset"]["source"]
-
-if SOURCE == "local" and not config["dataset"]["local_dir"]:
-    raise ValueError(
-        "dataset.source is 'local' but dataset.local_dir is not set: add "
-        "'dataset: {local_dir: /path/to/volumes}' to your config file"
-    )
+# The data source (brainvq/sources/<dataset.source>.py): rules ask it, never test its name.
+# Checked at parse time: an unknown name, missing settings or unaccepted terms stop the run here.
+SOURCE = get_source(config["dataset"]["source"])
+RAW_ROOT = SOURCE.raw_root(config)
+SOURCE.require_terms(config)
+if SOURCE.terms:
+    print(f"brainvq: {SOURCE.name} terms of use:\n{SOURCE.terms}", file=sys.stderr)
 
 
 def out(path):
@@ -28,16 +30,7 @@ def out(path):
 
 def raw_root():
     """The folder that holds this run's raw volumes, whichever source made them."""
-    if SOURCE == "demo":
-        demo = config["demo"]
-        return (
-            f"{RESOURCES}/demo/n{demo['n_subjects']}-seed{demo['seed']}"
-            f"-oasis{demo['oasis_fraction']}"
-            + (f"-ds{demo['downsample']}" if demo["downsample"] != 1 else "")
-        )
-    if SOURCE == "local":
-        return config["dataset"]["local_dir"]
-    return f"{RESOURCES}/{SOURCE}/extracted"
+    return RAW_ROOT
 
 
 wildcard_constraints:
@@ -102,21 +95,4 @@ def brain_files(wildcards):
     return {
         "brain": out(f"brain/{scan}.nii.gz"),
         "mask": out(f"brain/{scan}_mask.nii.gz"),
-    }
-
-
-def discovery_settings():
-    """The config keys that change which scans are discovered (params: rerun on change)."""
-    return {
-        "on_error": PREPROCESS["on_error"],
-        "dataset": config["dataset"],
-        # Only the selection keys: editing a mirror URL or checksum must not redo discovery.
-        "oasis1": {
-            key: config["datasets"]["oasis1"][key]
-            for key in ("image", "include_mr2", "orientation")
-        },
-        "oasis2": {
-            key: config["datasets"]["oasis2"][key]
-            for key in ("sessions", "orientation")
-        },
     }

@@ -2,7 +2,8 @@
 # the MNI152 template inside the nilearn wheel, written as IXI-like NIfTI and OASIS-like Analyze.
 
 
-if SOURCE == "demo":
+# The demo (brainvq/sources/demo.py) is the source whose raw folder a rule generates.
+if SOURCE.kind == "generated":
 
     rule demo_cohort:
         output:

@@ -1,22 +1,15 @@
 # rules for stage 'download' (see docs/architecture.md): fetch a public dataset's archives and
-# demographics sheet into resources/<dataset>/downloads/, verified and recorded in MANIFEST.tsv,
-# then extract them into raw_root(), which the discovery checkpoint reads.
+# demographics sheet (the source's download_plan) into resources/<dataset>/downloads/, verified
+# and recorded in MANIFEST.tsv, then extract them into raw_root(), which the discovery checkpoint
+# reads. The source's terms were checked at start-up (rules/common.smk).
 import re
-import sys
 
 from brainvq import acquire
 
-if SOURCE in acquire.DATASETS:
+if SOURCE.kind == "download":
 
-    # Fails at parse time, before anything is downloaded, with the terms and the config line to add.
-    acquire.require_terms_accepted(SOURCE, config)
-    print(
-        f"brainvq: {SOURCE} terms of use:\n{acquire.terms_text(SOURCE)}",
-        file=sys.stderr,
-    )
-
-    DATASET_FILES = acquire.dataset_files(SOURCE, config)
-    DOWNLOADS = f"{RESOURCES}/{SOURCE}/downloads"
+    DATASET_FILES = SOURCE.download_plan(config)
+    DOWNLOADS = f"{RESOURCES}/{SOURCE.name}/downloads"
 
     localrules:
         download,
@@ -27,16 +20,16 @@ if SOURCE in acquire.DATASETS:
         output:
             f"{DOWNLOADS}/{{file}}",
         log:
-            f"{RESOURCES}/{SOURCE}/logs/download/{{file}}.log",
+            f"{RESOURCES}/{SOURCE.name}/logs/download/{{file}}.log",
         wildcard_constraints:
             file="|".join(re.escape(remote.name) for remote in DATASET_FILES),
         conda:
             "../envs/preprocess.yaml"
         threads: 1
         params:
-            dataset=SOURCE,
-            md5=lambda w: acquire.dataset_file(SOURCE, w.file, config).md5,
-            sha256=lambda w: acquire.dataset_file(SOURCE, w.file, config).sha256,
+            dataset=SOURCE.name,
+            md5=lambda w: acquire.planned_file(SOURCE, w.file, config).md5,
+            sha256=lambda w: acquire.planned_file(SOURCE, w.file, config).sha256,
         script:
             "../workflow_scripts/download.py"
 
@@ -55,11 +48,11 @@ if SOURCE in acquire.DATASETS:
         output:
             directory(raw_root()),
         log:
-            f"{RESOURCES}/{SOURCE}/logs/extract.log",
+            f"{RESOURCES}/{SOURCE.name}/logs/extract.log",
         conda:
             "../envs/preprocess.yaml"
         threads: 1
         params:
-            dataset=SOURCE,
+            dataset=SOURCE.name,
         script:
             "../workflow_scripts/extract.py"

@@ -34,6 +34,7 @@ rule evaluate:
     params:
         evaluate=config["evaluate"],
         bottleneck=config["vqvae"]["bottleneck"],
-        source=SOURCE,
+        # What evaluate.probe_target 'auto' means for this source.
+        source_defaults=SOURCE.defaults,
     script:
         "../workflow_scripts/evaluate.py"

@@ -15,8 +15,10 @@ checkpoint discover_subjects:
         "../envs/preprocess.yaml"
     threads: 2
     params:
-        source=SOURCE,
-        settings=discovery_settings(),
+        source=SOURCE.name,
+        on_error=PREPROCESS["on_error"],
+        # Exactly what the source's discovery reads: an unrelated edit does not redo discovery.
+        settings=SOURCE.discovery_settings(config),
     script:
         "../workflow_scripts/discover_subjects.py"
 
@@ -77,7 +79,7 @@ rule slice_volume:
     threads: 1
     params:
         subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
-        source=SOURCE,
+        source=SOURCE.name,
         # The whole section: its hash is stored in the file (config_hash), so any change reruns.
         preprocess=PREPROCESS,
     script:

@@ -71,5 +71,6 @@ rule report:
     params:
         # The whole config: the report prints it, so any change re-renders the report.
         config=config,
+        attribution_html=SOURCE.attribution_html,
     script:
         "../workflow_scripts/report.py"

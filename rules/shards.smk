@@ -16,7 +16,7 @@ rule write_shards:
     threads: 1
     params:
         preprocess=config["preprocess"],
-        source=SOURCE,
+        source=SOURCE.name,
     script:
         "../workflow_scripts/write_shards.py"
 

@@ -19,7 +19,7 @@ rule split:
     params:
         split={
             **config["split"],
-            "stratify": stratify_column(config["split"], SOURCE),
+            "stratify": stratify_column(config["split"], SOURCE.defaults),
         },
     script:
         "../workflow_scripts/split.py"

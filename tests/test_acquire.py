@@ -31,6 +31,7 @@ from brainvq.acquire import (
     UnsafeArchiveError,
 )
 from brainvq.config import load_config
+from brainvq.sources import get_source
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(retries=2, backoff_s=0.01, timeout_s=5, progress=False)
@@ -244,7 +245,7 @@ def test_dataset_files_use_base_url_with_each_file_name_and_per_file_overrides_w
     config = dataset_config(tmp_path, "oasis1", base_url="http://mirror.test/data/")
     config["datasets"]["oasis1"]["discs"] = [1, 3]
     config["datasets"]["oasis1"]["urls"] = {"oasis_cross-sectional_disc3.tar.gz": "http://other.test/d3.tgz"}
-    files = {f.name: f for f in acquire.dataset_files("oasis1", config)}
+    files = {f.name: f for f in get_source("oasis1").download_plan(config)}
     assert list(files) == [
         "oasis_cross-sectional_disc1.tar.gz", "oasis_cross-sectional_disc3.tar.gz", "oasis_cross-sectional.xlsx"
     ]
@@ -264,7 +265,7 @@ def test_local_archive_dir_is_used_without_network_and_still_verified(tmp_path):
     (local / "IXI-T1.tar").write_bytes(payload)
     config = dataset_config(tmp_path, "ixi", base_url=closed_port_url().rsplit("/", 1)[0], local_archive_dir=str(local))
     config["datasets"]["ixi"]["md5"] = {"IXI-T1.tar": md5_of(payload)}
-    path = acquire.acquire_file("ixi", "IXI-T1.tar", config, progress=False)
+    path = acquire.acquire_file(get_source("ixi"), "IXI-T1.tar", config, progress=False)
     assert path == tmp_path / "resources/ixi/downloads/IXI-T1.tar"
     assert path.read_bytes() == payload
     assert acquire.read_manifest(tmp_path / "resources/ixi/MANIFEST.tsv")["IXI-T1.tar"]["url"].startswith("file://")
@@ -274,7 +275,7 @@ def test_local_archive_dir_is_used_without_network_and_still_verified(tmp_path):
     (tmp_path / "resources/ixi/MANIFEST.tsv").unlink()
     config["datasets"]["ixi"]["md5"] = {"IXI-T1.tar": "f" * 32}
     with pytest.raises(ChecksumMismatchError, match="IXI-T1.tar"):
-        acquire.acquire_file("ixi", "IXI-T1.tar", config, progress=False)
+        acquire.acquire_file(get_source("ixi"), "IXI-T1.tar", config, progress=False)
     assert (local / "IXI-T1.tar").read_bytes() == payload and not path.exists()
 
 
@@ -283,9 +284,9 @@ def test_deleted_download_comes_back_from_the_verified_store_without_a_request(s
     server.files["IXI-T1.tar"] = payload
     config = dataset_config(tmp_path, "ixi", base_url=server.base_url)
     config["datasets"]["ixi"]["md5"] = {"IXI-T1.tar": md5_of(payload)}
-    path = acquire.acquire_file("ixi", "IXI-T1.tar", config, progress=False)
+    path = acquire.acquire_file(get_source("ixi"), "IXI-T1.tar", config, progress=False)
     path.unlink()  # what Snakemake does before re-running the rule
-    assert acquire.acquire_file("ixi", "IXI-T1.tar", config, progress=False).read_bytes() == payload
+    assert acquire.acquire_file(get_source("ixi"), "IXI-T1.tar", config, progress=False).read_bytes() == payload
     assert len(server.requests) == 1
 
 
@@ -374,12 +375,12 @@ def test_oasis_requires_accepted_terms_and_ixi_does_not():
     config = {"datasets": {"oasis": {"accept_terms": False}}}
     for dataset in ("oasis1", "oasis2"):
         with pytest.raises(TermsNotAcceptedError, match="accept_terms: true") as error:
-            acquire.require_terms_accepted(dataset, config)
+            get_source(dataset).require_terms(config)
         assert "Marcus" in str(error.value)
-    acquire.require_terms_accepted("ixi", config)
-    acquire.require_terms_accepted("oasis1", {"datasets": {"oasis": {"accept_terms": True}}})
-    assert "CC BY-SA 3.0" in acquire.terms_text("ixi")
-    assert "2007" in acquire.terms_text("oasis1") and "2010" in acquire.terms_text("oasis2")
+    get_source("ixi").require_terms(config)
+    get_source("oasis1").require_terms({"datasets": {"oasis": {"accept_terms": True}}})
+    assert "CC BY-SA 3.0" in get_source("ixi").terms
+    assert "2007" in get_source("oasis1").terms and "2010" in get_source("oasis2").terms
 
 
 def run_snakemake(workdir: Path, config: dict, *targets: str, dry_run: bool = False) -> subprocess.CompletedProcess:
@@ -570,7 +571,6 @@ def nifti_pair_bytes_without_orientation(data: np.ndarray) -> tuple[bytes, bytes
 
 
 def test_oasis2_parts_are_fetched_extracted_and_discovered_with_their_visits(server, tmp_path):
-    from brainvq.demographics import participants_table
     from brainvq.io import discover_scans
 
     hdr, img = nifti_pair_bytes_without_orientation(asl_marker_volume())
@@ -595,14 +595,15 @@ def test_oasis2_parts_are_fetched_extracted_and_discovered_with_their_visits(ser
     url_name = config["datasets"]["oasis2"]["demographics_url"].rsplit("/", 1)[1]
     server.files[url_name] = (tmp_path / "sheet.xlsx").read_bytes()
 
-    files = acquire.dataset_files("oasis2", config)
-    downloads = [acquire.acquire_file("oasis2", f.name, config, progress=False) for f in files]
+    oasis2 = get_source("oasis2")
+    files = oasis2.download_plan(config)
+    downloads = [acquire.acquire_file(oasis2, f.name, config, progress=False) for f in files]
     raw_root = tmp_path / "resources/oasis2/extracted"
     acquire.extract_dataset(downloads[:2], downloads[2], raw_root)
-    scans = discover_scans("oasis2", raw_root, config)
+    scans = discover_scans(oasis2, raw_root, config)
     assert scans["scan"].tolist() == ["OAS2_0001_MR1", "OAS2_0001_MR2", "OAS2_0002_MR1"]
     assert set(scans["orientation"]) == {config["datasets"]["oasis2"]["orientation"]}
-    participants = participants_table("oasis2", raw_root, config, scans)
+    participants = oasis2.participants(raw_root, oasis2.discovery_settings(config), scans)
     assert participants[["session", "age", "group"]].values.tolist() == [
         ["MR1", 87, "Converted"], ["MR2", 88, "Converted"], ["MR1", 75, "Demented"]
     ]

@@ -31,6 +31,9 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib", "py-opencv": "opencv-python"}
 # Installer/interpreter entries: pinned like the rest but not Python packages of the project.
 TOOLING = {"python", "pip"}
+# Packages whose modules are imported by name at run time (brainvq.sources.get_source imports
+# brainvq.sources.<dataset.source>): a rule that reaches the package may use any of them, whole.
+PLUGIN_PACKAGES = ("brainvq.sources",)
 
 
 def normalize(name: str) -> str:
@@ -258,6 +261,11 @@ class _Module:
         return used
 
 
+def _submodules(folder: Path) -> list[str]:
+    """The names of the modules in a package folder."""
+    return sorted(path.stem for path in folder.glob("*.py") if path.name != "__init__.py")
+
+
 def third_party_imports(script: Path, root: Path = REPO) -> set[str]:
     """Top-level third-party modules a rule script imports, directly or through the brainvq code it reaches."""
     modules: dict[str, _Module] = {}
@@ -304,6 +312,8 @@ def third_party_imports(script: Path, root: Path = REPO) -> set[str]:
                 continue
             modules[module] = _Module(path, module, root)
             todo.append((module, None))
+            if module in PLUGIN_PACKAGES:
+                todo.extend((f"{module}.{plugin}", "*") for plugin in _submodules(path.parent))
         mod = modules[module]
         if name is None:
             need_imports(mod, mod.top_imports)
@@ -389,6 +399,12 @@ def test_import_walker_counts_reached_lazy_imports_and_skips_the_rest(tmp_path):
     # A module passed around whole counts as used whole.
     script.write_text("from brainvq import lib\nprint(lib)\n")
     assert third_party_imports(script, tmp_path) == {"numpy", "h5py", "scipy", "sklearn", "torch"}
+    # A source module, imported by name at run time, counts whole for a rule that reaches brainvq.sources.
+    (pkg / "sources").mkdir()
+    (pkg / "sources" / "__init__.py").write_text("import importlib\ndef get_source(name):\n    return name\n")
+    (pkg / "sources" / "toy.py").write_text("def participants():\n    import openpyxl\n")
+    script.write_text("from brainvq.sources import get_source\nget_source('toy')\n")
+    assert third_party_imports(script, tmp_path) == {"openpyxl"}
 
 
 # ---- brainvq must import inside a conda env that does not have it installed ---------------------

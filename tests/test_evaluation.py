@@ -17,6 +17,7 @@ from brainvq.config import load_config
 from brainvq.data import read_slice_metadata
 from brainvq.measures.similarity import RECONSTRUCTION_METRICS
 from brainvq.measures.statistics import per_scan_means
+from brainvq.sources import get_source
 
 
 def noisy(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
@@ -24,9 +25,9 @@ def noisy(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
 
 
 def test_probe_target_defaults_to_the_source_rule():
-    config = {"probe_target": None, "probe_target_by_source": {"ixi": "sex"}}
-    assert evaluation.probe_target_spec(config, "ixi") == "sex"
-    assert evaluation.probe_target_spec({**config, "probe_target": "age>60"}, "ixi") == "age>60"
+    config = {"probe_target": "auto"}
+    assert evaluation.probe_target_spec(config, get_source("ixi").defaults) == "sex"
+    assert evaluation.probe_target_spec({**config, "probe_target": "age>60"}, get_source("ixi").defaults) == "age>60"
 
 
 def test_reconstruction_statistics_are_over_slices_scans_and_subjects():
@@ -129,7 +130,8 @@ def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path
                                     unigram_bits=lambda train, test, k: 2.5, labels=lambda rows: None,
                                     bits_map=lambda codes, positions, labels: np.full(codes.shape, 2.0))
     result = evaluation.evaluate_run(inputs, BlurryAutoencoder(), scorer, codebook_size=16,
-                                     settings=settings["evaluate"], source="demo", device="cpu")
+                                     settings=settings["evaluate"], source_defaults=get_source("demo").defaults,
+                                     device="cpu")
 
     assert set(result.per_slice["scan"]) == {"T00", "T01"} and len(result.per_slice) == 16
     assert result.per_scan["scan"].tolist() == ["T00", "T01"]

@@ -1,4 +1,4 @@
-"""Reading raw volumes (one error per failure kind) and discovering scans in each dataset layout."""
+"""Reading raw volumes (one error per failure kind) and discovering scans (each source's layout: test_sources.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from brainvq.io import (
     MissingPairError,
     NoVolumesFoundError,
     NonFiniteVolumeError,
-    ScanKeyError,
     UnknownFormatError,
     VolumeNotFoundError,
     VolumeShapeError,
@@ -28,6 +27,7 @@ from brainvq.io import (
     load_volume,
     read_scans_table,
 )
+from brainvq.sources import get_source
 
 
 def tiny_data(shape=(6, 7, 5), seed=0) -> np.ndarray:
@@ -190,127 +190,19 @@ def test_analyze_affine_comes_from_axis_codes_and_zooms(tmp_path):
 # ---------------------------------------------------------------------------------------------- discovery
 
 
-def test_demo_layout_mixes_ixi_nifti_and_oasis_analyze(tmp_path):
-    write_nifti(tmp_path / "IXI" / "IXI002-Guys-0828-T1.nii.gz")
-    write_analyze(tmp_path / "OAS1_0001_MR1" / "RAW" / "OAS1_0001_MR1_mpr-1_anon.hdr")
-    (tmp_path / "participants.tsv").write_text("subject\nIXI002\nOAS1_0001\n")
-    scans = discover_scans("demo", tmp_path, config())
-    assert scans["scan"].tolist() == ["IXI002", "OAS1_0001_MR1"]
-    assert scans["format"].tolist() == ["nifti", "analyze"]
-    assert scans["orientation"].tolist() == ["", "ASL"]
-    assert scans["subject"].tolist() == ["IXI002", "OAS1_0001"]
-    assert scans["session"].tolist() == ["", "MR1"]
-
-
-def test_ixi_layout_finds_t1_files_at_any_depth_and_ignores_others(tmp_path):
-    write_nifti(tmp_path / "a" / "b" / "IXI012-HH-1211-T1.nii.gz")
-    write_nifti(tmp_path / "IXI002-Guys-0828-T1.nii.gz")
-    write_nifti(tmp_path / "IXI002-Guys-0828-T2.nii.gz")
-    scans = discover_scans("ixi", tmp_path, config())
-    assert scans["scan"].tolist() == ["IXI002", "IXI012"]
-    assert scans["subject"].tolist() == ["IXI002", "IXI012"]
-
-
 def test_ixi_duplicate_subject_raises_naming_both_files(tmp_path):
     first = write_nifti(tmp_path / "x" / "IXI002-Guys-0828-T1.nii.gz")
     second = write_nifti(tmp_path / "y" / "IXI002-Guys-0828-T1.nii.gz")
     with pytest.raises(DuplicateScanError) as info:
-        discover_scans("ixi", tmp_path, config())
+        discover_scans(get_source("ixi"), tmp_path, config())
     assert str(first) in str(info.value) and str(second) in str(info.value)
-
-
-def oasis1_tree(root: Path) -> None:
-    """disc1/OAS1_0001_MR1, disc2/OAS1_0002_MR1 and disc2/OAS1_0002_MR2, with RAW and T88 images."""
-    for disc, session in (("disc1", "OAS1_0001_MR1"), ("disc2", "OAS1_0002_MR1"), ("disc2", "OAS1_0002_MR2")):
-        folder = root / disc / session
-        write_analyze(folder / "RAW" / f"{session}_mpr-1_anon.hdr")
-        write_analyze(folder / "RAW" / f"{session}_mpr-2_anon.hdr")
-        write_analyze(folder / "PROCESSED" / "MPRAGE" / "T88_111" / f"{session}_mpr_n4_anon_111_t88_masked_gfc.hdr")
-
-
-def test_oasis1_excludes_mr2_rescans_by_default(tmp_path):
-    oasis1_tree(tmp_path)
-    scans = discover_scans("oasis1", tmp_path, config())
-    assert scans["scan"].tolist() == ["OAS1_0001_MR1", "OAS1_0002_MR1"]
-    assert all(path.endswith("_mpr-1_anon.hdr") for path in scans["path"])
-    assert scans["orientation"].tolist() == ["ASL", "ASL"]
-
-
-def test_oasis1_includes_mr2_when_asked(tmp_path):
-    oasis1_tree(tmp_path)
-    scans = discover_scans("oasis1", tmp_path, config(datasets={"oasis1": {"include_mr2": True}}))
-    assert scans["scan"].tolist() == ["OAS1_0001_MR1", "OAS1_0002_MR1", "OAS1_0002_MR2"]
-    assert scans["subject"].tolist() == ["OAS1_0001", "OAS1_0002", "OAS1_0002"]
-
-
-def test_oasis1_image_selection_picks_t88_with_its_orientation(tmp_path):
-    oasis1_tree(tmp_path)
-    scans = discover_scans("oasis1", tmp_path, config(datasets={"oasis1": {"image": "t88_masked"}}))
-    assert all("T88_111" in path for path in scans["path"])
-    assert scans["orientation"].tolist() == ["LAS", "LAS"]
-
-
-def test_oasis1_session_without_selected_image_fails_naming_expected_file(tmp_path):
-    oasis1_tree(tmp_path)
-    with pytest.raises(VolumeNotFoundError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr"):
-        discover_scans("oasis1", tmp_path, config(datasets={"oasis1": {"image": "subj111"}}))
-
-
-def oasis2_tree(root: Path) -> None:
-    """OAS2_0001 (MR1 Analyze, MR2 NIfTI pair with qform) and OAS2_0002 (MR2, MR3)."""
-    write_analyze(root / "OAS2_0001_MR1" / "RAW" / "mpr-1.nifti.hdr")
-    pair = nib.Nifti1Pair(tiny_data(), np.diag([-1.0, 1, 1, 1]))
-    pair.set_qform(pair.affine, code=1)
-    (root / "OAS2_0001_MR2" / "RAW").mkdir(parents=True)
-    nib.save(pair, str(root / "OAS2_0001_MR2" / "RAW" / "mpr-1.nifti.hdr"))
-    write_analyze(root / "part2" / "OAS2_0002_MR3" / "RAW" / "mpr-1.nifti.hdr")
-    write_analyze(root / "part1" / "OAS2_0002_MR2" / "RAW" / "mpr-1.nifti.hdr")
-
-
-def test_oasis2_all_sessions_use_header_orientation_only_when_usable(tmp_path):
-    oasis2_tree(tmp_path)
-    scans = discover_scans("oasis2", tmp_path, config())
-    assert scans["scan"].tolist() == ["OAS2_0001_MR1", "OAS2_0001_MR2", "OAS2_0002_MR2", "OAS2_0002_MR3"]
-    assert scans["subject"].tolist() == ["OAS2_0001"] * 2 + ["OAS2_0002"] * 2
-    assert scans["format"].tolist() == ["analyze", "nifti", "analyze", "analyze"]
-    assert scans["orientation"].tolist() == ["ASL", "", "ASL", "ASL"]
-
-
-def test_oasis2_baseline_keeps_first_session_of_each_subject(tmp_path):
-    oasis2_tree(tmp_path)
-    scans = discover_scans("oasis2", tmp_path, config(datasets={"oasis2": {"sessions": "baseline"}}))
-    assert scans["scan"].tolist() == ["OAS2_0001_MR1", "OAS2_0002_MR2"]
-
-
-def test_local_regex_gives_subject_and_session(tmp_path):
-    write_nifti(tmp_path / "site1" / "sub01_ses-1_T1w.nii.gz")
-    write_nifti(tmp_path / "site1" / "sub01_ses-2_T1w.nii.gz")
-    write_nifti(tmp_path / "sub02.nii")
-    (tmp_path / "notes.txt").write_text("not a volume")
-    scans = discover_scans("local", tmp_path, config())
-    assert scans["scan"].tolist() == ["sub01_ses-1", "sub01_ses-2", "sub02"]
-    assert scans["subject"].tolist() == ["sub01", "sub01", "sub02"]
-    assert scans["session"].tolist() == ["ses-1", "ses-2", ""]
-
-
-def test_local_custom_regex(tmp_path):
-    write_nifti(tmp_path / "T1_patientA_visit3.nii.gz")
-    regex = r"T1_(?P<subject>patient[A-Z])_(?P<session>visit\d)"
-    scans = discover_scans("local", tmp_path, config(dataset={"subject_regex": regex}))
-    assert scans.loc[0, ["scan", "subject", "session"]].tolist() == ["patientA_visit3", "patientA", "visit3"]
-
-
-def test_local_file_not_matching_regex_raises(tmp_path):
-    write_nifti(tmp_path / "_odd.nii.gz")
-    with pytest.raises(ScanKeyError, match="_odd.nii.gz"):
-        discover_scans("local", tmp_path, config())
 
 
 def test_local_duplicate_scan_keys_raise_naming_both(tmp_path):
     write_nifti(tmp_path / "a" / "sub01_T1w.nii.gz")
     write_nifti(tmp_path / "b" / "sub01_T2w.nii.gz")
     with pytest.raises(DuplicateScanError, match="sub01") as info:
-        discover_scans("local", tmp_path, config())
+        discover_scans(get_source("local"), tmp_path, config())
     assert "sub01_T1w.nii.gz" in str(info.value) and "sub01_T2w.nii.gz" in str(info.value)
 
 
@@ -318,27 +210,19 @@ def test_local_empty_folder_raises(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("nothing here")
     with pytest.raises(NoVolumesFoundError, match="holds no volumes"):
-        discover_scans("local", tmp_path / "empty", config())
+        discover_scans(get_source("local"), tmp_path / "empty", config())
 
 
 def test_missing_raw_folder_raises(tmp_path):
     with pytest.raises(NoVolumesFoundError, match="does not exist"):
-        discover_scans("ixi", tmp_path / "nowhere", config())
-
-
-def test_local_analyze_requires_analyze_orientation(tmp_path):
-    write_analyze(tmp_path / "sub01.hdr")
-    with pytest.raises(MissingOrientationError, match="dataset.analyze_orientation"):
-        discover_scans("local", tmp_path, config())
-    scans = discover_scans("local", tmp_path, config(dataset={"analyze_orientation": "LAS"}))
-    assert scans.loc[0, ["format", "orientation"]].tolist() == ["analyze", "LAS"]
+        discover_scans(get_source("ixi"), tmp_path / "nowhere", config())
 
 
 def test_on_error_fail_raises_first_bad_volume(tmp_path):
     write_nifti(tmp_path / "sub01.nii.gz")
     write_nifti(tmp_path / "sub02.nii.gz", np.zeros((4, 4, 4), np.int16))
     with pytest.raises(EmptyVolumeError, match="sub02.nii.gz"):
-        discover_scans("local", tmp_path, config())
+        discover_scans(get_source("local"), tmp_path, config())
 
 
 def test_on_error_skip_leaves_bad_scans_out_with_reason_rows(tmp_path):
@@ -347,7 +231,7 @@ def test_on_error_skip_leaves_bad_scans_out_with_reason_rows(tmp_path):
     truncated = write_nifti(tmp_path / "sub03.nii.gz", tiny_data((30, 30, 30)))
     truncated.write_bytes(truncated.read_bytes()[:500])
     cfg = config(preprocess={"on_error": "skip"})
-    scans, excluded = discover_scans_with_exclusions("local", tmp_path, cfg, threads=2)
+    scans, excluded = discover_scans_with_exclusions(get_source("local"), tmp_path, cfg, threads=2)
     assert scans["scan"].tolist() == ["sub01"]
     assert excluded.columns.tolist() == ["scan", "path", "stage", "reason"]
     assert excluded["scan"].tolist() == ["sub02", "sub03"]
@@ -359,12 +243,12 @@ def test_on_error_skip_leaves_bad_scans_out_with_reason_rows(tmp_path):
 def test_all_volumes_rejected_raises(tmp_path):
     write_nifti(tmp_path / "sub01.nii.gz", np.zeros((4, 4, 4), np.int16))
     with pytest.raises(NoVolumesFoundError, match="all 1 volumes"):
-        discover_scans("local", tmp_path, config(preprocess={"on_error": "skip"}))
+        discover_scans(get_source("local"), tmp_path, config(preprocess={"on_error": "skip"}))
 
 
 def test_subjects_table_round_trips_empty_strings(tmp_path):
     write_nifti(tmp_path / "IXI002-Guys-0828-T1.nii.gz")
-    scans = discover_scans("ixi", tmp_path, config())
+    scans = discover_scans(get_source("ixi"), tmp_path, config())
     scans.to_csv(tmp_path / "subjects.tsv", sep="\t", index=False)
     table = read_scans_table(tmp_path / "subjects.tsv")
     assert table.loc[0, "session"] == "" and table.loc[0, "orientation"] == ""

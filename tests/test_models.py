@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pytest
@@ -13,9 +14,11 @@ from brainvq.models import (
     CodeUsage,
     FiniteScalarQuantizer,
     GaussianBottleneck,
+    IdentityBottleneck,
     ModelConfigError,
     ModelInputError,
     NotDiscreteError,
+    SpatialDimsError,
     VectorQuantizer,
     build_vqvae,
 )
@@ -267,3 +270,152 @@ def test_code_usage_counts_distinct_codes_over_a_pass():
 def test_default_model_has_typed_documented_defaults():
     model = VQVAE()
     assert model.downsample == 8 and model.codebook_size == 512 and model.is_discrete
+
+
+# ------------------------------------------------------------------------------ 2D and 3D, one definition
+
+
+def smooth_volumes(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Blurry random blobs in [0, 1], (n, 1, size, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 1, size // 4, size // 4, size // 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=False)
+
+
+def layer_kinds(model: torch.nn.Module) -> list[str]:
+    """The model's module types in order, with the dimensionality taken out of the names."""
+    return [type(m).__name__.replace("2d", "Nd").replace("3d", "Nd") for m in model.modules()]
+
+
+@pytest.mark.parametrize("bottleneck", ["vq", "fsq", "som", "ae", "vae"])
+def test_slice_and_volume_models_come_from_the_same_classes_and_both_train(bottleneck):
+    section = tiny_section(bottleneck=bottleneck)
+    models = {dims: build_vqvae(section, spatial_dims=dims) for dims in (2, 3)}
+    assert type(models[2]) is type(models[3]) and type(models[2].bottleneck) is type(models[3].bottleneck)
+    assert layer_kinds(models[2]) == layer_kinds(models[3])
+    assert models[2].state_dict().keys() == models[3].state_dict().keys()
+    assert any(isinstance(m, torch.nn.Conv3d) for m in models[3].modules())
+    assert not any(isinstance(m, torch.nn.Conv3d) for m in models[2].modules())
+    for dims, x in ((2, smooth_images(2, size=8)), (3, smooth_volumes(2))):
+        model = models[dims].train()
+        reconstruction, aux = model(x)
+        assert reconstruction.shape == x.shape
+        (reconstruction - x).abs().mean().add(sum(aux["loss"].values())).backward()
+        for part in (model.encoder, model.decoder):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), (dims, part)
+        if model.is_discrete:
+            assert aux["indices"].shape == (2,) + (2,) * dims  # 8 / downsample 4 along every axis
+            model.eval()
+            with torch.no_grad():
+                indices = model.encode_indices(x)
+                torch.testing.assert_close(model.decode_indices(indices), model(x)[0].clamp(0, 1))
+            assert indices.shape == (2,) + (2,) * dims and indices.dtype == torch.long
+
+
+def test_volume_model_encodes_features_and_codes_at_the_downsampled_grid():
+    model = build_vqvae(tiny_section(downsample=8, channels=[4, 4, 8], latent_dim=6), spatial_dims=3)
+    x = torch.rand(1, 1, 16, 8, 24)
+    assert model.encode_features(x).shape == (1, 6, 2, 1, 3)
+    assert model.encode_indices(x).shape == (1, 2, 1, 3)
+
+
+def test_volume_model_refuses_slices_and_sizes_not_divisible_naming_the_knobs():
+    model = build_vqvae(tiny_section(), spatial_dims=3)
+    with pytest.raises(ModelInputError, match=r"volumes \(B, 1, D, H, W\)"):
+        model(smooth_images(1))
+    with pytest.raises(ModelInputError, match="preprocess.size.*vqvae.downsample"):
+        model(torch.rand(1, 1, 8, 8, 10))
+
+
+def test_spatial_dims_other_than_2_or_3_and_mixed_dimensionalities_are_refused():
+    with pytest.raises(SpatialDimsError, match="spatial_dims=1"):
+        build_vqvae(tiny_section(), spatial_dims=1)
+    with pytest.raises(ModelConfigError, match="same spatial_dims"):
+        VQVAE(VectorQuantizer(16, 4, spatial_dims=3), channels=(4, 8), latent_dim=4, spatial_dims=2)
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# Computed with the 2D-only code of main (commit 0b65f20) on the same constructions: the same weights
+# and the same draw from the RNG afterwards (so parameters are created in the same order).
+SLICE_MODEL_FINGERPRINTS = {
+    "vq": ("01b5ca2cdeb0bdb8", 1967720869),
+    "fsq": ("f1a2df2dae5a4d06", 1553021359),
+    "ae": ("6d73f3bcd571a5e1", 1236588731),
+    "vae": ("3d62876f4904afe0", 1482425508),
+}
+
+
+@pytest.mark.parametrize("bottleneck", sorted(SLICE_MODEL_FINGERPRINTS))
+def test_slice_models_have_exactly_the_weights_of_the_2d_only_code(bottleneck):
+    make = {
+        "vq": lambda: VectorQuantizer(16, dim=6, codebook_dim=3),
+        "fsq": lambda: FiniteScalarQuantizer((3, 3), dim=6),
+        "ae": lambda: IdentityBottleneck(),
+        "vae": lambda: GaussianBottleneck(dim=6),
+    }[bottleneck]
+    torch.manual_seed(0)
+    model = VQVAE(make(), channels=(4, 8), res_blocks=1, latent_dim=6)
+    assert (state_fingerprint(model), int(torch.randint(2**31, (1,)))) == SLICE_MODEL_FINGERPRINTS[bottleneck]
+
+
+# ---------------------------------------------------------------- reconstruction of the encoder output
+
+
+def test_gamma_e_adds_the_weighted_reconstruction_of_the_encoder_output_in_training_only():
+    torch.manual_seed(0)
+    model = build_vqvae(tiny_section(gamma_q=0.2, gamma_e=0.8)).train()
+    x = smooth_images(3)
+    reconstruction, aux = model(x)
+    with torch.no_grad():
+        expected_e = model.decoder(model.encode_features(x))
+    torch.testing.assert_close(aux["reconstruction_e"], expected_e)
+    terms = model.reconstruction_losses(reconstruction, x, aux, torch.nn.functional.l1_loss)
+    assert terms.keys() == {"recon_loss", "recon_loss_e"}
+    torch.testing.assert_close(terms["recon_loss"], 0.2 * (reconstruction - x).abs().mean())
+    torch.testing.assert_close(terms["recon_loss_e"], 0.8 * (expected_e - x).abs().mean())
+    model.eval()
+    with torch.no_grad():
+        assert "reconstruction_e" not in model(x)[1]
+
+
+def test_default_gammas_leave_the_loss_the_plain_reconstruction():
+    torch.manual_seed(0)
+    model = build_vqvae(tiny_section()).train()
+    assert (model.gamma_q, model.gamma_e) == (1.0, 0.0)
+    x = smooth_images(2)
+    reconstruction, aux = model(x)
+    assert "reconstruction_e" not in aux
+    terms = model.reconstruction_losses(reconstruction, x, aux, torch.nn.functional.l1_loss)
+    assert list(terms) == ["recon_loss"]
+    assert torch.equal(terms["recon_loss"], torch.nn.functional.l1_loss(reconstruction, x))
+
+
+def test_gamma_e_gives_the_encoder_a_reconstruction_gradient_when_the_codes_pass_none():
+    # The reference SOM-VAE (no straight-through): D(z_q) trains the decoder and the map, not the encoder.
+    torch.manual_seed(0)
+    model = build_vqvae(tiny_section(bottleneck="som", som_straight_through=False, gamma_e=0.5)).train()
+    x = smooth_images(2)
+    reconstruction, aux = model(x)
+    terms = model.reconstruction_losses(reconstruction, x, aux, torch.nn.functional.l1_loss)
+    encoder = list(model.encoder.parameters())
+    from_q = torch.autograd.grad(terms["recon_loss"], encoder, retain_graph=True, allow_unused=True)
+    from_e = torch.autograd.grad(terms["recon_loss_e"], encoder, allow_unused=True)
+    assert all(g is None for g in from_q)
+    assert any(g is not None and g.abs().sum() > 0 for g in from_e)
+
+
+def test_negative_gammas_are_refused_naming_the_keys():
+    with pytest.raises(ModelConfigError, match="vqvae.gamma_q"):
+        VQVAE(gamma_e=-1.0)
+
+
+def test_models_saved_before_the_gamma_keys_existed_still_build():
+    section = {k: v for k, v in tiny_section().items() if k not in ("gamma_q", "gamma_e")}
+    assert build_vqvae(section).gamma_e == 0.0

@@ -16,6 +16,7 @@ import pytest
 
 from brainvq import reporting
 from brainvq.config import load_config
+from brainvq.sources import get_source
 from conftest import REPO, synthetic_brain_slices
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,7 +149,7 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
 def build(tmp_path: Path, source: str = "ixi", probe_auroc=None) -> Path:
     config = load_config(overrides={"dataset": {"source": source}})
     return reporting.build_report(tiny_report_inputs(tmp_path, probe_auroc), config, tmp_path / "report" / "index.html",
-                                  tmp_path / "report" / "figures")
+                                  tmp_path / "report" / "figures", attribution_html=get_source(source).attribution_html)
 
 
 @pytest.fixture(scope="module")
@@ -218,17 +219,25 @@ def test_report_escapes_table_text_and_lists_excluded_scans(report):
     ("local", "Add its source, licence and"),
 ])
 def test_report_attributes_the_dataset_it_used(source, expected):
-    assert expected in reporting.TEMPLATES.get_template("attribution.html.j2").render(source=source)
+    assert expected in get_source(source).attribution_html
+
+
+def test_report_page_carries_the_sources_attribution_as_markup(report):
+    page = report.read_text()
+    section = page[page.index('<section id="attribution">'):]
+    assert '<a href="https://creativecommons.org/licenses/by-sa/3.0/">' in section  # IXI's, not escaped
 
 
 def test_an_unreadable_or_outdated_input_leaves_no_report_behind(tmp_path):
     inputs = tiny_report_inputs(tmp_path)
     inputs.figures_npz.write_bytes(b"not an npz")
     with pytest.raises(reporting.ReportInputError, match="re-run the evaluate rule"):
-        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig")
+        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig",
+                               attribution_html="")
     np.savez(inputs.figures_npz, codebook_counts=np.arange(3))
     with pytest.raises(reporting.ReportInputError, match="lacks arrays .*examples_label"):
-        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig")
+        reporting.build_report(inputs, load_config(), tmp_path / "report" / "index.html", tmp_path / "report" / "fig",
+                               attribution_html="")
     assert not (tmp_path / "report" / "index.html").exists()
 
 

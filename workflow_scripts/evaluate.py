@@ -32,7 +32,8 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         samples=Path(snakemake.input.samples),
     )
     scorer = prior_scorer(load_prior(snakemake.input.prior, device), read_split(inputs.split_csv))
-    result = evaluate_run(inputs, model, scorer, codebook_size, settings, snakemake.params.source, device)
+    source_defaults = snakemake.params.source_defaults
+    result = evaluate_run(inputs, model, scorer, codebook_size, settings, source_defaults, device)
     result.metrics["software"] = software_versions()
     write_evaluation(
         result,

@@ -20,5 +20,8 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
     figures_dir = Path(snakemake.output.training_curves).parent
     # The rule names one output per figure; they must be the files build_report writes.
     assert {Path(snakemake.output[name]) for name in FIGURE_NAMES} == {figures_dir / f"{n}.png" for n in FIGURE_NAMES}
-    build_report(inputs, snakemake.params.config, snakemake.output.html, figures_dir)
+    build_report(
+        inputs, snakemake.params.config, snakemake.output.html, figures_dir,
+        attribution_html=snakemake.params.attribution_html,
+    )
     log.info("wrote %s", snakemake.output.html)

@@ -82,7 +82,7 @@ class EvaluationRun:
         code_index: codes/index.csv.
         samples: samples.h5 as arrays (``read_samples``).
         model: the VQ-VAE (eval mode); prior: its scorer; codebook_size: K; device: where both live.
-        settings: the ``evaluate`` config section; source: ``dataset.source``.
+        settings: the ``evaluate`` config section; source_defaults: the data source's ``defaults``.
     """
 
     split: pd.DataFrame
@@ -97,7 +97,7 @@ class EvaluationRun:
     codebook_size: int
     device: object
     settings: dict
-    source: str
+    source_defaults: dict
 
     def index_of(self, split: str) -> pd.DataFrame:
         """Return the codes/index.csv rows of ``split`` in (scan, row) order."""
@@ -193,7 +193,7 @@ def code_maps_by_scan(codes_dir: str | Path, index: pd.DataFrame) -> dict[str, n
 
 
 def evaluation_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_size: int, settings: dict,
-                   source: str, device) -> EvaluationRun:
+                   source_defaults: dict, device) -> EvaluationRun:
     """Return the run's inputs loaded for evaluation.
 
     Raises:
@@ -208,5 +208,6 @@ def evaluation_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook
         split=read_split(inputs.split_csv), train_paths=shard_paths(inputs.shards_dir, "train"),
         test_paths=test_paths, test_slices=shard_index(test_paths),
         codes=code_maps_by_scan(inputs.codes_dir, index), code_index=index, samples=read_samples(inputs.samples),
-        model=model, prior=prior, codebook_size=codebook_size, device=device, settings=settings, source=source,
+        model=model, prior=prior, codebook_size=codebook_size, device=device, settings=settings,
+        source_defaults=source_defaults,
     )

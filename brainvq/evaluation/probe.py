@@ -14,9 +14,10 @@ from brainvq.measures.codebook import code_histogram
 from brainvq.measures.probe import binary_probe_labels, downsampled_mean_slice, parse_probe_target, probe_auroc
 
 
-def probe_target_spec(evaluate_config: dict, source: str) -> str:
-    """Return the probe rule: ``evaluate.probe_target``, else the dataset default ``probe_target_by_source``."""
-    return evaluate_config["probe_target"] or evaluate_config["probe_target_by_source"][source]
+def probe_target_spec(evaluate_config: dict, source_defaults: dict) -> str:
+    """Return the probe rule: ``evaluate.probe_target``, or for 'auto' the source's (``Source.defaults``)."""
+    spec = evaluate_config["probe_target"]
+    return source_defaults["probe_target"] if spec == "auto" else spec
 
 
 def scan_image_features(paths: list[Path], size_px: int) -> dict[str, np.ndarray]:
@@ -59,5 +60,5 @@ def probe_evaluation(split_df: pd.DataFrame, codes: Mapping[str, np.ndarray], im
 def probe_section(run: EvaluationRun) -> tuple[dict, dict]:
     """Return (probe metrics, no figures) over the run's scans."""
     image_features = scan_image_features(run.train_paths + run.test_paths, run.settings["probe_downsample_px"])
-    spec = probe_target_spec(run.settings, run.source)
+    spec = probe_target_spec(run.settings, run.source_defaults)
     return probe_evaluation(run.split, run.codes, image_features, run.codebook_size, spec, run.settings), {}

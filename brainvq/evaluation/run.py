@@ -32,7 +32,7 @@ SECTIONS = {
 
 
 def evaluate_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_size: int, settings: dict,
-                 source: str, device) -> EvaluationResult:
+                 source_defaults: dict, device) -> EvaluationResult:
     """Evaluate a trained run on its test subjects.
 
     Args:
@@ -41,10 +41,10 @@ def evaluate_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook_s
         prior: the loaded prior's scoring functions.
         codebook_size: K of the VQ-VAE.
         settings: the validated ``evaluate`` config section.
-        source: ``dataset.source`` (chooses the default probe target).
+        source_defaults: the data source's ``defaults`` (what probe target 'auto' means).
         device: torch device the models live on.
     """
-    run = evaluation_run(inputs, model, prior, codebook_size, settings, source, device)
+    run = evaluation_run(inputs, model, prior, codebook_size, settings, source_defaults, device)
     log.info("reconstructing %d test slices", len(run.test_slices))
     metrics, figures, per_slice, per_scan = reconstruction_section(run)
     metrics["ms_ssim_window_px"] = ms_ssim_window(run)
