@@ -36,6 +36,7 @@ from brainvq.evaluation.inputs import evaluation_run
 from brainvq.evaluation.judge import CONTROLS, control_code_maps, judge_samples, real_references
 from brainvq.files import write_text_atomic
 from brainvq.prior import load_prior, sample_codes, train_prior, training_maps
+from brainvq.sources import get_source
 from brainvq.training import load_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
                               results / "samples" / "samples.h5")
     scorer = prior_scorer(load_prior(results / "prior" / "model.pt"), read_split(inputs.split_csv))
     run = evaluation_run(inputs, vqvae, scorer, vqvae_codebook_size(vqvae, results, config["vqvae"]["bottleneck"]),
-                         settings, config["dataset"]["source"], torch.device("cpu"))
+                         settings, get_source(config["dataset"]["source"]).defaults, torch.device("cpu"))
     start = time.perf_counter()
     judge = run_judge(run)
     samples = run.samples

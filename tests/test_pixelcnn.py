@@ -127,3 +127,12 @@ def test_code_bits_average_to_the_cross_entropy_of_the_logits():
         expected = torch.nn.functional.cross_entropy(model(codes, positions, labels), codes) / math.log(2)
     assert bits.shape == (2, H, W)
     torch.testing.assert_close(bits.mean(), expected)
+
+
+def test_nucleus_keeps_the_fewest_likely_codes_holding_top_p_and_renormalises():
+    from brainvq.models.pixelcnn import nucleus
+
+    probs = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.97, 0.01, 0.01, 0.01]])
+    cut = nucleus(probs, 0.75)
+    torch.testing.assert_close(cut, torch.tensor([[0.625, 0.0, 0.375, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert nucleus(probs, 1.0) is probs

@@ -36,6 +36,18 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Return ``probs`` (B, K) cut to their nucleus (Holtzman et al. 2020): per row the fewest most likely codes
+    whose probabilities sum to at least ``top_p``, renormalised; ``top_p`` 1 leaves them unchanged."""
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(dim=1, descending=True)
+    # Keep a code when the mass before it is below top_p: the most likely code is always kept.
+    keep = (ordered.cumsum(dim=1) - ordered) < top_p
+    kept = torch.zeros_like(probs).scatter(1, order, ordered * keep)
+    return kept / kept.sum(dim=1, keepdim=True)
+
+
 class PositionEncoder(nn.Module):
     """Map a slice position in [0, 1] to a conditioning vector through Fourier features and a small MLP.
 
