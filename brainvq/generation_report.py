@@ -72,8 +72,8 @@ def _value(metrics: dict, path) -> object:
     return value
 
 
-def _cell(value) -> str:
-    """Return a number for a table cell; an AUROC result dict as ``value [low, high]``."""
+def _cell(value, percent: bool = False) -> str:
+    """Return a number for a table cell (a share as a percentage); an AUROC result as ``value [low, high]``."""
     if isinstance(value, dict) and "auroc" in value:
         if value["auroc"] is None:
             return "n/a"
@@ -81,6 +81,8 @@ def _cell(value) -> str:
         return f"{value['auroc']:.3f} [{low:.2f}, {high:.2f}]"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
+    if percent:
+        return f"{100 * value:.1f} %"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
@@ -91,10 +93,11 @@ def generation_table(metrics: dict) -> pd.DataFrame:
     controls = generation.get("controls", {})
     rows = []
     for label, path, reference, can, cannot in GENERATION_ROWS:
-        row = {"Measure": label, "Samples": _cell(_value(generation, path)),
-               "Real reference": _cell(_value(generation, reference)) if reference else "—"}
+        percent = path[-1] == "share_flagged"
+        row = {"Measure": label, "Samples": _cell(_value(generation, path), percent),
+               "Real reference": _cell(_value(generation, reference), percent) if reference else "—"}
         for name, column in CONTROL_COLUMNS.items():
-            row[column] = _cell(_value(controls.get(name, {}), path)) if name in controls else "—"
+            row[column] = _cell(_value(controls.get(name, {}), path), percent) if name in controls else "—"
         row["Can detect"], row["Cannot detect"] = can, cannot
         rows.append(row)
     return pd.DataFrame(rows)

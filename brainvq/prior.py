@@ -220,6 +220,7 @@ def model_kwargs(config: dict, codebook_size: int, map_size: tuple[int, int], n_
         "map_size": [int(s) for s in map_size] if config["location_bias"] else None,
         "dilations": list(config["dilations"]),
         "dropout": config["dropout"],
+        "position_anchors": config["position_anchors"],
     }
 
 
@@ -385,7 +386,7 @@ def sample_batch(prior: GatedPixelCNN, positions: torch.Tensor, labels: torch.Te
     codes = torch.zeros(len(positions), *prior.map_size, dtype=torch.long, device=device)
     with autocast_context(device):
         cond = prior.condition(positions, labels)
-        for i, j, logits in prior.raster_logits(codes, cond):
+        for i, j, logits in prior.raster_logits(codes, cond, positions):
             probs = nucleus(torch.softmax(logits.float() / temperature, dim=1), top_p)
             codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return codes

@@ -187,7 +187,8 @@ def test_generation_table_puts_every_measure_beside_its_reference_and_controls(r
     assert row["shuffled code maps"] == "0.999 [0.90, 1.05]"
     assert row["training maps (a copying prior)"].startswith("0.52")
     copies = table.set_index("Measure").loc["Copies flagged"]
-    assert (copies["Samples"], copies["Real reference"], copies["training maps (a copying prior)"]) == ("0", "0", "1")
+    assert (copies["Samples"], copies["Real reference"], copies["training maps (a copying prior)"],
+            copies["10 % copies mixed in"]) == ("0.0 %", "0.0 %", "100.0 %", "12.5 %")
     assert table.set_index("Measure").loc["Position error (MAE)", "Real reference"] == "0.06"
     assert all(table["Can detect"].str.len() > 20) and all(table["Cannot detect"].str.len() > 10)
     page = report.read_text()

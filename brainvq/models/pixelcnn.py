@@ -152,6 +152,9 @@ class GatedPixelCNN(nn.Module):
             embedding so the model knows where in the map it is (code maps have a fixed layout: brain
             in the middle, background at the border). ``None`` makes the model size-agnostic.
         head_channels: hidden channels of the output head (1x1 convs from the summed skips to the logits).
+        position_anchors: learned per-location bias maps, evenly spaced over slice positions [0, 1]; a map's bias
+            interpolates linearly between the two anchors nearest its position, so the layout it starts from
+            follows the axial level (a small head low, the widest one in the middle). 1 = one map for all levels.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class GatedPixelCNN(nn.Module):
         head_channels: int = 128,
         dilations: Sequence[int] = (1,),
         dropout: float = 0.0,
+        position_anchors: int = 1,
     ):
         super().__init__()
         if codebook_size < 2:
@@ -177,8 +181,11 @@ class GatedPixelCNN(nn.Module):
         self.n_labels = n_labels
         self.map_size = tuple(map_size) if map_size is not None else None
         self.embedding = nn.Embedding(codebook_size, channels)
+        if position_anchors < 1:
+            raise ValueError(f"position_anchors must be >= 1, got {position_anchors}")
         self.location_bias = (
-            nn.Parameter(torch.zeros(1, channels, *self.map_size)) if self.map_size is not None else None
+            nn.Parameter(torch.zeros(position_anchors, channels, *self.map_size)) if self.map_size is not None
+            else None
         )
         self.position_encoder = PositionEncoder(cond_channels, position_frequencies)
         self.label_embedding = nn.Embedding(n_labels, cond_channels) if n_labels > 0 else None
@@ -206,11 +213,23 @@ class GatedPixelCNN(nn.Module):
             cond = cond + self.label_embedding(label)
         return cond
 
-    def embed(self, codes: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        """Return embedded codes (B, C, h, w) plus the location bias of the map region ``rows, cols`` they come from."""
+    def location_map(self, position: torch.Tensor) -> torch.Tensor | None:
+        """Return the input bias (B, C, h, w) at slice positions (B,): the per-location maps interpolated between
+        the anchors nearest each position (None for a model without a map size)."""
+        if self.location_bias is None:
+            return None
+        anchors = self.location_bias.shape[0]
+        where = position.float().clamp(0, 1)[:, None] * (anchors - 1)
+        weights = torch.relu(1 - (where - torch.arange(anchors, device=where.device)).abs())
+        return torch.einsum("ba,achw->bchw", weights, self.location_bias)
+
+    def embed(self, codes: torch.Tensor, location: torch.Tensor | None, rows: slice = slice(None),
+              cols: slice = slice(None)) -> torch.Tensor:
+        """Return embedded codes (B, C, h, w) plus the ``location`` bias (:meth:`location_map`) of the map region
+        ``rows, cols`` they come from."""
         e = self.embedding(codes).permute(0, 3, 1, 2)
-        if self.location_bias is not None:
-            e = e + self.location_bias[:, :, rows, cols]
+        if location is not None:
+            e = e + location[:, :, rows, cols]
         return e
 
     def logits_from_embedding(self, e: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -227,7 +246,7 @@ class GatedPixelCNN(nn.Module):
     ) -> torch.Tensor:
         """Return logits (B, K, h, w) for code maps (B, h, w) long, positions (B,) float, labels (B,) long."""
         self._check_map(codes)
-        return self.logits_from_embedding(self.embed(codes), self.condition(position, label))
+        return self.logits_from_embedding(self.embed(codes, self.location_map(position)), self.condition(position, label))
 
     def code_bits(self, codes: torch.Tensor, position: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """Return the negative log-likelihood in bits of every code (B, h, w) of code maps (B, h, w) long."""
@@ -238,8 +257,10 @@ class GatedPixelCNN(nn.Module):
         if self.map_size is not None and tuple(codes.shape[-2:]) != self.map_size:
             raise ValueError(f"code maps are {tuple(codes.shape[-2:])} but this model was built for {self.map_size}")
 
-    def raster_logits(self, codes: torch.Tensor, cond: torch.Tensor | None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield ``(i, j, logits (B, K))`` in raster order, reading ``codes[:, :i+1]`` as they are filled in.
+    def raster_logits(self, codes: torch.Tensor, cond: torch.Tensor | None,
+                      position: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield ``(i, j, logits (B, K))`` in raster order, reading ``codes[:, :i+1]`` as they are filled in;
+        ``cond`` is :meth:`condition` of the maps' slice ``position`` (B,) (and labels).
 
         The caller may write ``codes[:, i, j]`` after each yield (sampling). The logits equal those of
         :meth:`forward` at (i, j), but cost one row of the vertical stack per row and one column of the
@@ -248,12 +269,13 @@ class GatedPixelCNN(nn.Module):
         self._check_map(codes)
         batch, h, w = codes.shape
         biases = [layer.condition_biases(cond) for layer in self.layers]
+        location = self.location_map(position)
         x_v = [None] * (len(self.layers) + 1)
         # x_v[l] holds the vertical stack's input to layer l for all rows computed so far.
         x_v[0] = self.embedding.weight.new_zeros(batch, self.embedding.embedding_dim, h, w)
         for i in range(h):
             if i > 0:
-                x_v[0][:, :, i] = self.embed(codes[:, i - 1 : i], slice(i - 1, i))[:, :, 0]
+                x_v[0][:, :, i] = self.embed(codes[:, i - 1 : i], location, slice(i - 1, i))[:, :, 0]
             v_pres = []
             for index, layer in enumerate(self.layers):
                 window = x_v[index][:, :, max(0, i - layer.reach) : i + 1]
@@ -270,7 +292,7 @@ class GatedPixelCNN(nn.Module):
             x_h = [x_v[0].new_zeros(batch, x_v[0].shape[1], 1, w) for _ in self.layers]
             for j in range(w):
                 if j > 0:
-                    x_h[0][:, :, :, j] = self.embed(codes[:, i : i + 1, j - 1 : j], slice(i, i + 1),
+                    x_h[0][:, :, :, j] = self.embed(codes[:, i : i + 1, j - 1 : j], location, slice(i, i + 1),
                                                     slice(j - 1, j))[:, :, :, 0]
                 skips = 0.0
                 for index, layer in enumerate(self.layers):
