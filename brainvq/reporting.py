@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from brainvq.files import write_bytes_atomic
+from brainvq.generation_report import copies_figure, generation_table, prior_table, sample_grid_figure
 from brainvq.workflow import package_versions
 
 STYLE = {
@@ -42,13 +43,15 @@ STYLE = {
     "axes.prop_cycle": matplotlib.cycler(color=["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]),
 }
 FIGURE_NAMES = ("training_curves", "reconstructions", "ssim_distribution", "codebook_usage", "samples_vs_real",
-                "memorisation", "anomaly_maps")
+                "sample_grid", "copies", "anomaly_maps")
 # The arrays of eval/figures.npz (written by brainvq.evaluation.evaluate_run) that the figures draw.
 FIGURE_ARRAYS = (
     "examples_label", "examples_scan", "examples_ssim_brain", "examples_position", "examples_original",
     "examples_reconstruction", "examples_error", "codebook_counts", "samples_images", "samples_positions",
     "real_images", "real_positions", "anomaly_lesioned", "anomaly_reconstruction", "anomaly_lesion",
-    "anomaly_methods", "anomaly_method_scores", "memorisation_highest_ssim",
+    "anomaly_methods", "anomaly_method_scores",
+    "generation_samples", "generation_positions", "generation_neighbours", "generation_hamming", "generation_ssim",
+    "generation_flagged", "copies_real_hamming", "copies_real_ssim",
 )
 REPORT_PACKAGES = ("numpy", "pandas", "matplotlib", "jinja2", "h5py", "snakemake")
 # (column family, title, y label): one training-curve panel each, drawn when history.csv has the columns.
@@ -84,18 +87,19 @@ METRIC_ROWS = (
      "log2 K: a prior that knows nothing. The PixelCNN should be far below it."),
     ("Prior", "NLL, unigram (bits/code)", ("prior", "unigram_bits_per_code"), "float",
      "Training code frequencies only (add-one smoothed): the baseline that ignores context."),
-    ("Generation", "Diversity, samples (MS-SSIM)", ("generation", "diversity", "samples_mean_pairwise_ms_ssim"),
-     "float", "Mean pairwise MS-SSIM among samples; lower = more diverse."),
-    ("Generation", "Diversity, real (MS-SSIM)", ("generation", "diversity", "real_mean_pairwise_ms_ssim"), "float",
-     "The same among real test slices at matched positions: what samples should approach."),
-    ("Generation", "Memorised share", ("generation", "memorisation", "share_above_threshold"), "percent",
-     "Samples whose highest SSIM to a training slice at a similar position exceeds the threshold."),
-    ("Generation", "Highest SSIM to training (median)", ("generation", "memorisation", "highest_ssim", "median"),
-     "float", "Median over samples of the best SSIM match among training slices."),
-    ("Generation", "FD samples vs test", ("generation", "frechet_distance", "samples_vs_test"), "float",
-     "FD (VQ-VAE encoder features; not comparable to FID): Fréchet distance of pooled pre-quantisation features."),
-    ("Generation", "FD training vs test (reference)", ("generation", "frechet_distance", "train_vs_test"), "float",
-     "The same distance between real training and test slices: the floor at this sample size."),
+    ("Prior", "NLL, per-location unigram (bits/code)", ("prior", "per_location_unigram_bits_per_code"), "float",
+     "Training code frequencies at each map location: knows where background is without any context."),
+    ("Prior", "NLL, PixelCNN inside the mask (bits/code)", ("prior", "bits_per_code_brain"), "float",
+     "The PixelCNN's NLL over code positions inside the brain (head) mask only, where the anatomy is."),
+    ("Generation", "Two-sample AUROC, samples vs reconstructions",
+     ("generation", "c2st", "samples_vs_reconstructions", "auroc"), "float",
+     "A small CNN telling samples from decoded real code maps, on held-out halves; 0.5 = indistinguishable."),
+    ("Generation", "Position error, samples (MAE)", ("generation", "position_error", "samples"), "float",
+     "Error of a regressor trained on training slices at reading the axial level the samples were drawn for."),
+    ("Generation", "Position error, real test slices (MAE)", ("generation", "position_error", "real"), "float",
+     "The same regressor's error on real test slices: what samples should approach."),
+    ("Generation", "Copies flagged", ("generation", "copies", "share_flagged"), "percent",
+     "Samples within a threshold, calibrated on known copies, of a training code map (Hamming or decoded SSIM)."),
     ("Probe", "AUROC from codes", ("probe", "auroc"), "float",
      "Linear probe on each scan's code-usage histogram, cross-validated over every subject (see the probe table)."),
     ("Probe", "p-value, codes", ("probe", "p_value"), "float",
@@ -439,24 +443,10 @@ def samples_vs_real_figure(arrays: dict) -> Figure:
     return fig
 
 
-def memorisation_figure(highest: np.ndarray, threshold: float | None) -> Figure:
-    """Return the distribution of each sample's highest SSIM to a training slice, with the memorisation threshold."""
-    fig = _new_figure(5.5, 3)
+def generation_figure(draw, *args) -> Figure:
+    """Return a figure of ``brainvq.generation_report`` drawn in the report style."""
     with matplotlib.rc_context(STYLE):
-        ax = fig.subplots()
-        values = np.asarray(highest, np.float64)
-        values = values[~np.isnan(values)]
-        if values.size == 0:
-            _no_data(ax, "no samples with training candidates")
-            return fig
-        ax.hist(values, bins=np.linspace(min(0.0, values.min()), 1, 41), color="#9467bd", alpha=0.7)
-        if threshold is not None:
-            ax.axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold:g}")
-            ax.legend(loc="upper left")
-        ax.set_xlabel("highest SSIM to a training slice (unitless)")
-        ax.set_ylabel("samples (count)")
-        ax.set_title("Memorisation check")
-    return fig
+        return draw(*args)
 
 
 def anomaly_figure(arrays: dict) -> Figure:
@@ -494,8 +484,9 @@ def report_figures(metrics: dict, arrays: dict, per_scan: pd.DataFrame,
         "ssim_distribution": ssim_distribution_figure(per_scan, mask_kind(metrics)),
         "codebook_usage": codebook_usage_figure(arrays["codebook_counts"], metrics.get("codebook", {})),
         "samples_vs_real": samples_vs_real_figure(arrays),
-        "memorisation": memorisation_figure(arrays["memorisation_highest_ssim"],
-                                            metric_value(metrics, ("generation", "memorisation", "threshold"))),
+        "sample_grid": generation_figure(sample_grid_figure, arrays, _new_figure, _image_axis),
+        "copies": generation_figure(copies_figure, arrays,
+                                    metric_value(metrics, ("generation", "copies", "thresholds")) or {}, _new_figure),
         "anomaly_maps": anomaly_figure(arrays),
     }
 
@@ -634,9 +625,12 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         "probe_table": html_table(probe_table(metrics))[0],
         "mask_kind": mask_kind(metrics),
         "pixel_mm": metric_value(metrics, ("preprocess", "pixel_mm")),
+        "generation_table": html_table(generation_table(metrics))[0],
+        "prior_table": html_table(prior_table(metrics))[0],
+        "generation": metrics.get("generation", {}),
         "probe": metrics.get("probe", {}),
         "anomaly": metrics.get("anomaly", {}),
-        "fd_label": metric_value(metrics, ("generation", "frechet_distance", "label")) or "FD",
+        "fd_label": metric_value(metrics, ("generation", "frechet_distance_vqvae", "label")) or "FD",
         "ms_ssim_window_px": metrics.get("ms_ssim_window_px"),
         "figures": figures,
         "per_scan_table": per_scan_html, "per_scan_left_out": per_scan_left_out,

@@ -120,6 +120,6 @@ def labelled_prior(tmp_path_factory):
     labels, positions = np.arange(64) % 2, rng.random(64)
     codes = 4 * labels[:, None, None] + 2 * (positions > 0.5)[:, None, None] + rng.integers(0, 2, (64, 6, 6))
     maps = as_maps(codes, positions, labels)
-    _, (model_path, _, _) = train_tiny_prior(tmp, maps, maps, 8, classes=["F", "M"], steps=60,
+    _, (model_path, _, _) = train_tiny_prior(tmp, maps, maps, 8, classes=["F", "M"], steps=100,
                                              condition_label="sex")
     return load_prior(model_path)

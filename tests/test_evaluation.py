@@ -138,7 +138,9 @@ def tiny_run(tmp_path, shards_dir):
     train = h5py.File(shards_dir / "train-000.h5", "r")["images"][()].astype(np.float32)
     with h5py.File(tmp_path / "samples.h5", "w") as f:
         images = np.concatenate([train[:2], noisy(train[10:16], 0.1)])  # two memorised samples
-        f["codes"] = np.zeros((8, 8, 8), np.int16)
+        sample_codes = rng.integers(0, 16, (8, 8, 8))
+        sample_codes[:2] = np.load(tmp_path / "codes" / "train" / "S00.npy")[:2]  # ... and their code maps
+        f["codes"] = sample_codes.astype(np.int16)
         f["images"] = images
         # The first two sit at their training originals' positions (0 and 1/7 in tiny_shards).
         f["slice_position"] = np.array([0, 1 / 7, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0], np.float32)
@@ -149,11 +151,13 @@ def tiny_run(tmp_path, shards_dir):
 
 def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path, tiny_shards):
     inputs = tiny_run(tmp_path, tiny_shards)
-    settings = load_config(overrides={"evaluate": {"anomaly_n_slices": 8, "anomaly_heal_threshold": 0.07,
-                                                   "anomaly_lesion_sizes": {"small": [0.1, 0.12],
-                                                                            "large": [0.15, 0.2]}}})
+    settings = load_config(overrides={"evaluate": {
+        "anomaly_n_slices": 8, "anomaly_heal_threshold": 0.07,
+        "anomaly_lesion_sizes": {"small": [0.1, 0.12], "large": [0.15, 0.2]}, "judge_image_px": 16, "c2st_epochs": 5,
+        "c2st_bootstrap": 50, "position_epochs": 3, "copies_calibration_maps": 8}})
     scorer = evaluation.PriorScorer(bits_per_code=lambda codes, positions, labels: 2.0, uniform_bits=math.log2,
                                     unigram_bits=lambda train, test, k: 2.5, labels=lambda rows: None,
+                                    bits_map=lambda codes, positions, labels: np.full(codes.shape, 2.0),
                                     model=tiny_prior())
     result = evaluation.evaluate_run(inputs, BlurryAutoencoder(), scorer, codebook_size=16,
                                      settings=settings["evaluate"], source_defaults=get_source("demo").defaults,
@@ -167,11 +171,22 @@ def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path
     assert m["reconstruction"]["ssim_brain"]["over_subjects"]["n"] == 2
     assert m["reconstruction"]["ssim_brain"]["over_scans"]["n"] == 2
     assert m["codebook"]["codes_used"] == 8 and m["codebook"]["codebook_size"] == 16
-    assert m["prior"] == {"bits_per_code": 2.0, "uniform_bits_per_code": 4.0, "unigram_bits_per_code": 2.5,
-                          "n_test_maps": 16}
-    assert m["generation"]["memorisation"]["n_above_threshold"] >= 2
-    assert m["generation"]["frechet_distance"]["label"].startswith("FD (VQ-VAE encoder features")
-    assert m["generation"]["frechet_distance"]["samples_vs_test"] >= 0
+    prior = m["prior"]
+    assert (prior["bits_per_code"], prior["bits_per_code_brain"], prior["uniform_bits_per_code"],
+            prior["unigram_bits_per_code"], prior["n_test_maps"]) == (2.0, 2.0, 4.0, 2.5, 16)
+    # Codes 0-3 or 4-7, drawn uniformly per scan: the per-location tables cost about log2(8) = 3 bits.
+    assert 2.5 < prior["per_location_unigram_bits_per_code"] < 4.0
+    assert prior["brain"]["uniform_bits_per_code"] == 4.0 and 0 < prior["brain_code_share"] < 1
+    generation = m["generation"]
+    assert set(generation["c2st"]) == {"samples_vs_reconstructions", "samples_vs_real", "reconstructions_vs_real"}
+    assert all(0 <= pair["auroc"] <= 1 for pair in generation["c2st"].values())
+    assert generation["position_error"]["samples"] >= 0 and generation["position_error"]["real"] >= 0
+    assert generation["copies"]["n_flagged"] >= 2  # the two copied training maps
+    assert generation["copies"]["real_test"]["n"] == 8
+    assert generation["controls"]["training_maps"]["copies"]["share_flagged"] == 1.0
+    assert generation["features"]["label"].startswith("position-regressor features")
+    assert generation["frechet_distance_vqvae"]["label"].startswith("FD (VQ-VAE encoder features")
+    assert generation["frechet_distance_vqvae"]["samples_vs_test"] >= 0
     assert 0 < m["reconstruction"]["ssim"]["over_subjects"]["mean_ci95"][0] <= m["reconstruction"]["ssim"][
         "over_subjects"]["mean"] <= m["reconstruction"]["ssim"]["over_subjects"]["mean_ci95"][1] < 1
     probe = m["probe"]  # every subject of the run, train and test: 4 of each class

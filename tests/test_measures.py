@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from brainvq.measures import anomaly, codebook, distributions, memorisation, probe, similarity, statistics
+from brainvq.measures import anomaly, codebook, distributions, probe, similarity, statistics
 from conftest import REPO, synthetic_brain_slices
 
 
@@ -168,31 +168,6 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_mean_shift():
 
 
 # ------------------------------------------------------------------------------------------ generation
-
-
-def test_memorisation_flags_an_exact_copy_of_a_training_slice():
-    train, _ = synthetic_brain_slices(12, 32, seed=4)
-    positions = np.linspace(0, 1, 12)
-    novel = noisy(np.full((32, 32), 0.5, np.float32), 0.2)
-    samples = np.stack([train[5], novel])
-    highest = memorisation.highest_ssim_to_references(samples, np.array([positions[5], positions[5]]),
-                                                      [(train[:6], positions[:6]), (train[6:], positions[6:])],
-                                                      window=0.2, top_k=2)
-    assert highest[0] == pytest.approx(1.0)
-    assert highest[1] < 0.5
-    summary = memorisation.memorisation_summary(highest, threshold=0.95)
-    assert summary["share_above_threshold"] == 0.5 and summary["n_above_threshold"] == 1
-
-
-def test_memorisation_only_searches_training_slices_near_the_sample_position():
-    train, _ = synthetic_brain_slices(4, 32, seed=5)
-    positions = np.array([0.0, 0.1, 0.9, 1.0])
-    highest = memorisation.highest_ssim_to_references(train[[3]], np.array([0.05]), [(train, positions)],
-                                                      window=0.1, top_k=4)
-    assert highest[0] < 0.99  # its copy sits at position 1.0, outside the window
-    lonely = memorisation.highest_ssim_to_references(train[[3]], np.array([0.5]), [(train, positions)],
-                                                     window=0.1, top_k=4)
-    assert np.isnan(lonely[0])
 
 
 def test_identical_samples_have_no_diversity_and_varied_slices_some():

@@ -75,17 +75,43 @@ def tiny_metrics(probe_auroc=None, mask_kind="brain") -> dict:
         "n_test_scans": 2, "n_test_subjects": 2, "n_test_slices": 16, "ms_ssim_window_px": 7,
         "reconstruction": {key: stats for key in reporting.RECONSTRUCTION_MEANINGS},
         "codebook": {"codebook_size": 16, "codes_used": 9, "usage_fraction": 0.5625, "perplexity": 7.2},
-        "prior": {"bits_per_code": 2.1, "uniform_bits_per_code": 4.0, "unigram_bits_per_code": 3.2, "n_test_maps": 16},
-        "generation": {"n_samples": 8,
-                       "diversity": {"samples_mean_pairwise_ms_ssim": 0.31, "real_mean_pairwise_ms_ssim": 0.35},
-                       "memorisation": {"threshold": 0.95, "share_above_threshold": 0.125, "n_above_threshold": 1,
-                                        "highest_ssim": {"mean": 0.7, "median": 0.72, "p5": 0.5, "n": 8}},
-                       "frechet_distance": {"label": "FD (VQ-VAE encoder features; not comparable to FID)",
-                                            "samples_vs_test": 0.4, "train_vs_test": 0.1, "n": 8}},
+        "prior": {"bits_per_code": 2.1, "bits_per_code_brain": 3.3, "uniform_bits_per_code": 4.0,
+                  "unigram_bits_per_code": 3.2, "per_location_unigram_bits_per_code": 2.9,
+                  "per_location_position_bin_unigram_bits_per_code": 2.8,
+                  "brain": {"uniform_bits_per_code": 4.0, "unigram_bits_per_code": 3.9,
+                            "per_location_unigram_bits_per_code": 3.8,
+                            "per_location_position_bin_unigram_bits_per_code": 3.7}, "n_test_maps": 16},
+        "generation": tiny_generation_metrics(),
         "probe": tiny_probe(probe_auroc),
         "anomaly": tiny_anomaly(),
         "software": {"python": "3.11.9", "torch": "2.13.0", "cuda_device": None},
     }
+
+
+def judged(auroc: float, position_error: float, share_flagged: float) -> dict:
+    """What judge_samples writes for one set of samples (or a control)."""
+    return {"n": 8, "c2st": {"samples_vs_reconstructions": {"auroc": auroc, "ci95": [auroc - 0.1, auroc + 0.05],
+                                                             "folds": 2}},
+            "position_error": {"samples": position_error},
+            "features": {"frechet_distance": 1.5, "precision": 0.6, "recall": 0.5, "k": 3},
+            "copies": {"share_flagged": share_flagged, "nearest_hamming": {"median": 0.3},
+                       "thresholds": {"hamming": 0.1, "ssim": 0.92}}}
+
+
+def tiny_generation_metrics() -> dict:
+    metrics = judged(0.62, 0.08, 0.0)
+    metrics["c2st"]["samples_vs_real"] = {"auroc": 0.81, "ci95": [0.7, 0.9], "folds": 2}
+    metrics["c2st"]["reconstructions_vs_real"] = {"auroc": 0.77, "ci95": [0.66, 0.88], "folds": 2}
+    metrics["position_error"].update({"real": 0.06, "chance": 0.25})
+    metrics["features"].update({"label": "position-regressor features", "train_vs_test": {
+        "frechet_distance": 0.9, "precision": 0.8, "recall": 0.7}})
+    metrics["copies"]["real_test"] = {"share_flagged": 0.0, "nearest_hamming": {"median": 0.35}}
+    metrics["diversity"] = {"samples_mean_pairwise_ms_ssim": 0.31, "real_mean_pairwise_ms_ssim": 0.35}
+    metrics["frechet_distance_vqvae"] = {"label": "FD (VQ-VAE encoder features; not comparable to FID)",
+                                         "samples_vs_test": 0.4, "train_vs_test": 0.1, "n": 8}
+    metrics["controls"] = {"training_maps": judged(0.52, 0.06, 1.0), "shuffled_maps": judged(0.999, 0.24, 0.0),
+                           "uniform_codes": judged(1.0, 0.3, 0.0), "copies_mixed": judged(0.6, 0.08, 0.125)}
+    return metrics
 
 
 def png_of(image: np.ndarray, path: Path) -> Path:
@@ -114,7 +140,12 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None, mask_kind="brain") -> r
         "anomaly_methods": np.array(["vqvae_residual", "mean_slice"]),
         "anomaly_method_scores": np.stack([np.abs(recon[:2] - images[:2]), recon[:2]]),
         "anomaly_lesion": masks[:2] & (images[:2] > 0.7),
-        "anomaly_mask": masks[:2], "memorisation_highest_ssim": np.array([0.5, 0.7, 0.97, np.nan]),
+        "anomaly_mask": masks[:2],
+        "generation_samples": images, "generation_positions": np.array([0.2, 0.2, 0.2, 0.6, 0.6, 0.6]),
+        "generation_neighbours": recon, "generation_hamming": np.array([0.3, 0.25, 0.0, 0.4, 0.35, 0.3]),
+        "generation_ssim": np.array([0.7, 0.75, 1.0, 0.6, 0.65, 0.7]),
+        "generation_flagged": np.array([False, False, True, False, False, False]),
+        "copies_real_hamming": np.array([0.35, 0.4]), "copies_real_ssim": np.array([0.72, 0.68]),
     }
     (tmp_path / "eval").mkdir()
     np.savez_compressed(tmp_path / "eval" / "figures.npz", **arrays)
@@ -177,6 +208,22 @@ def test_report_explains_every_metric_and_says_why_one_is_missing(report):
         assert html.escape(meaning, quote=False) in page
     assert "n/a (3 negative and 2 positive subjects; grouped cross-validation" in page
     assert "FD (VQ-VAE encoder features; not comparable to FID)" in page
+
+
+def test_generation_table_puts_every_measure_beside_its_reference_and_controls(report):
+    table = reporting.generation_table(tiny_metrics())
+    row = table.set_index("Measure").loc["Two-sample AUROC, samples vs reconstructions"]
+    assert row["Samples"] == "0.620 [0.52, 0.67]"
+    assert row["shuffled code maps"] == "0.999 [0.90, 1.05]"
+    assert row["training maps (a copying prior)"].startswith("0.52")
+    copies = table.set_index("Measure").loc["Copies flagged"]
+    assert (copies["Samples"], copies["Real reference"], copies["training maps (a copying prior)"],
+            copies["10 % copies mixed in"]) == ("0.0 %", "0.0 %", "100.0 %", "12.5 %")
+    assert table.set_index("Measure").loc["Position error (MAE)", "Real reference"] == "0.06"
+    assert all(table["Can detect"].str.len() > 20) and all(table["Cannot detect"].str.len() > 10)
+    page = report.read_text()
+    assert "Two-sample AUROC, samples vs reconstructions" in page and "10 % copies mixed in" in page
+    assert "per-location unigram" in page and "inside the mask" in page
 
 
 def test_reconstruction_table_reports_slices_scans_and_subjects_apart_with_intervals(report):
