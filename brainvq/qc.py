@@ -180,6 +180,37 @@ def check_brain_mask(mask: np.ndarray, affine: np.ndarray, path: Path, limits: T
     return size
 
 
+# The mask each preprocess.skull_strip method leaves, hence the size limit it must pass.
+MASK_KIND = {"none": "head", "bet": "brain", "precomputed": "brain"}
+
+
+def skull_strip_problem(mask: np.ndarray, affine: np.ndarray, path: str | Path, limits: Thresholds, method: str,
+                        on_error: str) -> str:
+    """Run the gate's check after skull stripping; return '' when the mask passes, else why the scan is left out.
+
+    Args:
+        mask: the skull-stripping mask (boolean, 3D); an empty one is not checked (skull_strip has already
+            marked that scan under ``on_error: skip``).
+        affine: the mask's voxel-to-world affine.
+        path: the scan's raw file, named in the message.
+        limits: the thresholds.
+        method: ``preprocess.skull_strip`` (see MASK_KIND).
+        on_error: ``preprocess.on_error``.
+
+    Raises:
+        ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size.
+    """
+    if not np.any(mask):
+        return ""
+    try:
+        check_brain_mask(mask, affine, Path(path), limits, MASK_KIND[method])
+    except ForegroundVolumeError as error:
+        if on_error != "skip":
+            raise
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
 def stored_type_maximum(img) -> float | None:
     """Return the largest value of the file's stored integer type (None for float types)."""
     dtype = np.dtype(img.get_data_dtype())

@@ -15,7 +15,13 @@ import pytest
 from brainvq.config import validated_config
 from brainvq.data import stratify_column
 from brainvq.demographics import COLUMNS, DemographicsError
-from brainvq.io import MissingOrientationError, ScanKeyError, VolumeNotFoundError, discover_scans
+from brainvq.io import (
+    InvalidVolumesError,
+    MissingOrientationError,
+    ScanKeyError,
+    VolumeNotFoundError,
+    discover_scans,
+)
 from brainvq.evaluation import probe_target_spec
 from brainvq.sources import KINDS, Source, SourceError, available_sources, get_source
 from brainvq.sources.ixi import ixi_site, normalise_ixi
@@ -251,8 +257,11 @@ def test_oasis1_image_selection_picks_t88_with_its_orientation(tmp_path):
 
 def test_oasis1_session_without_selected_image_fails_naming_expected_file(tmp_path):
     oasis1_tree(tmp_path)
-    with pytest.raises(VolumeNotFoundError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr"):
+    # Both sessions lack the image: one error names each expected file.
+    with pytest.raises(InvalidVolumesError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr") as info:
         discover_scans(get_source("oasis1"), tmp_path, config(datasets={"oasis1": {"image": "subj111"}}))
+    assert [type(problem) for _, problem in info.value.problems] == [VolumeNotFoundError] * 2
+    assert "OAS1_0002_MR1_mpr_n4_anon_sbj_111.hdr" in str(info.value)
 
 
 def oasis1_frame() -> pd.DataFrame:
