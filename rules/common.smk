@@ -6,10 +6,13 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from brainvq.config import check_startup
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
 from brainvq.sources import get_source
 
 validate(config, "../config/schema.yaml")
+# Everything the config alone decides (sizes vs downsampling, regexes, paths) stops the run here, before any job.
+check_startup(config)
 
 RUN = config["run"]
 RUN_DIR = f"{config['results_dir']}/{RUN}"
