@@ -3,6 +3,7 @@
 checkpoint discover_subjects:
     input:
         raw=raw_root(),
+        rebuild=rebuild_request("discover_subjects"),
     output:
         subjects=out("subjects.tsv"),
         participants=out("participants.tsv"),

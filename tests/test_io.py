@@ -240,7 +240,7 @@ def test_on_error_fail_reports_every_bad_volume_at_once_in_one_table(tmp_path):
     assert message.startswith("9 volumes cannot be used")
     assert [path for path, _ in info.value.problems] == [str(path) for path in bad]
     for path in bad:
-        assert f"{path}  EmptyVolumeError: is all zeros; re-export" in message
+        assert f"{path}  EmptyVolumeError: is all zeros; re-export" in message  # one path length: no padding
     assert "sub01.nii.gz" not in message and "preprocess.on_error: skip" in message
 
 

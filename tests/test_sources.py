@@ -29,7 +29,7 @@ from brainvq.sources.oasis1 import normalise_oasis1
 from brainvq.sources.oasis2 import normalise_oasis2
 from snakemake_helpers import TinyRun, copy_workflow, tiny_config
 from test_io import config, tiny_data, write_analyze, write_nifti
-from test_workflow import head_volume
+from test_workflow import head_affine, head_volume
 
 # The demographics files under the raw folder; the rest is the schema's defaults.
 CONFIG = validated_config({"datasets": {"oasis1": {"demographics_file": "oasis_cross-sectional.csv"}}})
@@ -459,10 +459,9 @@ SOURCE = Toy()
 
 
 def write_toy_folder(folder: Path, n_subjects: int) -> list[str]:
-    """Tiny heads toy-sNN.nii.gz (2 mm voxels), a file the toy layout ignores, and toy.csv; return the subjects."""
+    """Small heads toy-sNN.nii.gz, a file the toy layout ignores, and toy.csv; return the subjects."""
     folder.mkdir(parents=True)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -40
+    affine = head_affine()
     subjects = [f"s{i:02d}" for i in range(n_subjects)]
     for i, subject in enumerate(subjects):
         nib.save(nib.Nifti1Image(head_volume(i).astype(np.int16), affine), folder / f"toy-{subject}.nii.gz")
