@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainvq.files import atomic_path
+from brainvq.files import atomic_path, write_text_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -92,7 +92,8 @@ class HistoryWriter:
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as handle:
+        # Rewritten atomically: a kill here must not lose the rows a resume keeps; rows are then appended.
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
@@ -131,5 +132,5 @@ def archive_stale_checkpoints(checkpoint_dir: str | Path, settings: dict) -> Pat
                 n += 1
             os.replace(checkpoint_dir, archived)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(current)
+    write_text_atomic(record, current)
     return archived

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 from snakemake_helpers import TinyRun, copy_workflow, job_counts, tiny_config
+from test_files import dead_pid
 from test_qc import constant, debris, eight_cubed, saturated_in_noise, zero_sform
 
 from brainvq.demo import write_oasis_like
@@ -155,13 +156,6 @@ def test_a_folder_output_lacking_a_file_is_due_for_a_rebuild(tmp_path):
     assert rebuild_reason([str(shards)], [], lambda folder: sorted(lacking)) == f"{shards} lacks train-000.h5"
     lacking.clear()
     assert rebuild_reason([str(shards)], [], lambda folder: sorted(lacking)) == ""
-
-
-def dead_pid() -> int:
-    """The id of a process that has exited (and been reaped)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 @pytest.mark.slow
