@@ -109,7 +109,7 @@ REBUILT_STAGES = set()
 
 
 def rebuild_request(stage):
-    """Input function of rule ``stage``: its rebuild request file, once request_rebuilds has written one."""
+    """Input function for the stage's own rule: its rebuild request file, once request_rebuilds wrote one."""
     REBUILT_STAGES.add(stage)
     path = out(f".rebuild/{stage}")
     return lambda wildcards: [path] if os.path.exists(path) else []
@@ -130,13 +130,18 @@ def request_rebuilds():
     """
     if not workflow.is_main_process:
         return
-    rules = [rule for rule in workflow.rules if not rule.has_wildcards()]
-    for rule in rules:
-        if rule.name not in REBUILT_STAGES:
-            continue
-        outputs = static_paths(rule.output)
-        consumers = [static_paths(other.output) for other in rules if set(static_paths(other.input)) & set(outputs)]
+    plain = [r for r in workflow.rules if not r.has_wildcards()]
+    for stage in (r for r in plain if r.name in REBUILT_STAGES):
+        outputs = static_paths(stage.output)
+        consumers = [
+            static_paths(r.output)
+            for r in plain
+            if set(static_paths(r.input)) & set(outputs)
+        ]
         reason = rebuild_reason(outputs, consumers, missing_shard_files)
         if reason:
-            print(f"brainvq: rebuilding {rule.name} and what depends on it: {reason}", file=sys.stderr)
-            request_rebuild(out(f".rebuild/{rule.name}"), reason)
+            print(
+                f"brainvq: rebuilding {stage.name} and what depends on it: {reason}",
+                file=sys.stderr,
+            )
+            request_rebuild(out(f".rebuild/{stage.name}"), reason)
