@@ -163,12 +163,17 @@ WHY_CASES = {
 }
 
 
+def folder_with(write, root: Path) -> Path:
+    """``root``/raw holding the bad input ``write`` makes (sub01) and a good head (sub02); return the bad file."""
+    (root / "raw").mkdir()
+    nib.save(head(seed=1), root / "raw" / "sub02.nii.gz")
+    return write(root / "raw" / "sub01.nii.gz")
+
+
 @pytest.mark.parametrize("case", sorted(WHY_CASES))
 def test_each_bad_input_stops_discovery_naming_file_check_and_fix(tmp_path, case):
     write, error_class, check, fix = WHY_CASES[case]
-    (tmp_path / "raw").mkdir()
-    path = write(tmp_path / "raw" / "sub01.nii.gz")
-    nib.save(head(seed=1), tmp_path / "raw" / "sub02.nii.gz")
+    path = folder_with(write, tmp_path)
     with pytest.raises(error_class) as info:
         discover_scans(get_source("local"), tmp_path / "raw", validated_config({}))
     message = str(info.value)
@@ -179,9 +184,7 @@ def test_each_bad_input_stops_discovery_naming_file_check_and_fix(tmp_path, case
 @pytest.mark.parametrize("case", sorted(WHY_CASES))
 def test_on_error_skip_leaves_each_bad_input_out_with_its_reason(tmp_path, case):
     write, error_class, check, fix = WHY_CASES[case]
-    (tmp_path / "raw").mkdir()
-    path = write(tmp_path / "raw" / "sub01.nii.gz")
-    nib.save(head(seed=1), tmp_path / "raw" / "sub02.nii.gz")
+    path = folder_with(write, tmp_path)
     config = validated_config({"preprocess": {"on_error": "skip"}})
     scans, excluded = discover_scans_with_exclusions(get_source("local"), tmp_path / "raw", config)
     assert scans["scan"].tolist() == ["sub02"]
@@ -231,3 +234,25 @@ def test_a_whole_head_passes_the_gate_after_skull_stripping_and_an_empty_mask_is
     mask = np.asarray(mask_img.dataobj) > 0
     assert skull_strip_problem(mask, img.affine, PATH, LIMITS, "none", "fail") == ""
     assert skull_strip_problem(np.zeros_like(mask), img.affine, PATH, LIMITS, "bet", "fail") == ""
+
+
+def test_a_large_volume_is_measured_on_a_sample_that_keeps_its_outliers():
+    # 12 million voxels of low noise with 5 at the int16 maximum, all between the voxels the strided sample
+    # takes: the gate still sees them, and finds no head.
+    data = np.random.default_rng(1).integers(0, 60, (250, 240, 200)).astype(np.int16)
+    data.flat[1::2_400_000] = 32767
+    with pytest.raises(ForegroundVolumeError, match=r"'head size'.* 0 cm³"):
+        checked(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])))
+    assert 1000 < checked(head(shape=(250, 240, 200), zooms=(0.8, 0.8, 0.8)))["head_cm3"] < 2500
+
+
+def test_saturation_is_measured_on_the_stored_values_of_a_scaled_file(tmp_path):
+    img = head()
+    data = np.asarray(img.dataobj).copy()
+    data[data > 700] = 32767
+    scaled = nib.Nifti1Image(data, img.affine)
+    scaled.header.set_slope_inter(0.5, 10.0)  # the reader sees 16393.5 where the file stores the type's maximum
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    reread = nib.load(tmp_path / "scaled.nii.gz")
+    with pytest.raises(SaturationError, match=r"at the data type's maximum 32767"):
+        check_volume(reread, reread.get_fdata(dtype=np.float32), reread.affine, PATH, LIMITS)
