@@ -79,12 +79,12 @@ EXEMPT = {
     ("acquire.py", "download_file"): "renames the verified .part download into place",
     ("acquire.py", "_quarantine"): "moves a file that failed its checksum aside",
     ("acquire.py", "_merge_move"): "moves extracted members out of safe_extract's scratch folder",
-    ("runtime.py", "HistoryWriter.write"): "appends one row to a history the constructor wrote atomically",
-    ("runtime.py", "archive_stale_checkpoints"): "moves a checkpoint folder aside (a rename, never a half write)",
+    ("engine.py", "HistoryWriter.write"): "appends one row to a history the constructor wrote atomically",
+    ("engine.py", "resumable_checkpoint"): "moves a stale checkpoint folder aside (a rename, never a half write)",
+    ("engine.py", "_local_process"): "the rule's log file, which Snakemake owns (rank 0 of a multi-process run)",
     ("data.py", "_write_shard"): "writes one shard inside write_shards' atomic shards folder",
     ("acquire.py", "_link_or_copy_to"): "fills the temporary its callers' atomic_path gives it",
     ("reporting.py", "figure_png"): "saves a figure into an in-memory buffer",
-    ("training.py", "_train_process"): "the rule's log file, which Snakemake owns (rank 0 of a multi-GPU run)",
 }
 
 
