@@ -105,6 +105,9 @@ def unguarded_writes(path) -> list[tuple[str, int, str]]:
             # A mode computed at run time counts as a write.
             written = [not isinstance(m, ast.Constant) or set(str(m.value)) & set("wax") for m in modes]
             return name if any(written) else None
+        targets = call.args + [k.value for k in call.keywords if k.arg in ("path_or_buf", "excel_writer")]
+        if name in ("to_csv", "to_excel") and not targets:
+            return None  # no file given: the table comes back as a string
         if name in WRITE_METHODS or name in WRITE_FUNCTIONS.get(module, ()):
             return f"{module}.{name}" if module else name
         return None
@@ -147,5 +150,5 @@ def test_the_writer_audit_finds_a_plain_write(tmp_path):
     module.write_text("def save(table, path):\n    table.to_csv(path)\n\n"
                       "def save_atomic(table, path):\n    with atomic_path(path) as tmp:\n        table.to_csv(tmp)\n")
     assert unguarded_writes(module) == [("save", 2, "table.to_csv")]
-    module.write_text("import os\n\ndef move(a, b):\n    os.replace(a, b)\n    return 'x'.replace('x', 'y')\n")
+    module.write_text("import os\n\ndef move(a, b, t):\n    os.replace(a, b)\n    return 'x'.replace('x', 'y'), t.to_csv()\n")
     assert unguarded_writes(module) == [("move", 4, "os.replace")]
