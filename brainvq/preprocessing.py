@@ -357,13 +357,15 @@ def normalised_slices(
     return np.clip(images, 0, 1).astype(np.float32), masks, positions
 
 
-def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
+def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict, skull_strip_reason: str = "") -> dict:
     """Return one scan's slices, or none with the reason it is excluded.
 
     Args:
         volume: 3D RAS brain (or head) volume; mask: its 3D mask (an empty mask marks a scan whose
             skull stripping failed under ``on_error: skip``).
         settings: the ``preprocess`` config section.
+        skull_strip_reason: why the QC gate after skull stripping leaves the scan out ('' when it passed;
+            ``brainvq.qc.skull_strip_problem``).
 
     Returns:
         dict with ``images`` (N, size, size) in ``settings['dtype']``, ``masks``, ``slice_index`` (int32),
@@ -378,6 +380,8 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
     window = (-1, -1, -1)
     if not mask.any():
         stage, reason = "skull_strip", f"empty mask after skull_strip={settings['skull_strip']}"
+    elif skull_strip_reason:
+        stage, reason = "skull_strip", skull_strip_reason
     else:
         indices = select_axial_slices(
             mask, settings["slice_selection"], settings["min_brain_fraction"], settings["slice_range"]

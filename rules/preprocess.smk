@@ -3,6 +3,7 @@
 checkpoint discover_subjects:
     input:
         raw=raw_root(),
+        rebuild=rebuild_request("discover_subjects"),
     output:
         subjects=out("subjects.tsv"),
         participants=out("participants.tsv"),
@@ -17,6 +18,7 @@ checkpoint discover_subjects:
     params:
         source=SOURCE.name,
         on_error=PREPROCESS["on_error"],
+        qc=config["qc"],
         # Exactly what the source's discovery reads: an unrelated edit does not redo discovery.
         settings=SOURCE.discovery_settings(config),
     script:
@@ -81,6 +83,8 @@ rule slice_volume:
     threads: 1
     params:
         subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
+        raw=lambda wildcards: scan_info(wildcards.scan)["path"],
+        qc=config["qc"],
         source=SOURCE.name,
         # The whole section: its hash is stored in the file (config_hash), so any change reruns.
         preprocess=PREPROCESS,

@@ -5,6 +5,7 @@ rule write_shards:
     input:
         split=out("split.csv"),
         slices=discovered_slice_files,
+        rebuild=rebuild_request("write_shards"),
     output:
         directory(out("shards")),
     log:

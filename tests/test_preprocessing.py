@@ -395,7 +395,7 @@ def test_preprocess_rules_slice_a_local_folder_and_redo_only_new_scans(tmp_path)
     workflow = copy_workflow(tmp_path / "wf")
     raw = workflow / "raw"
     raw.mkdir()
-    head, _ = synthetic_head(n=24, voxel_mm=4.0)
+    head, _ = synthetic_head(n=24, voxel_mm=6.0)  # 144 mm across, 1,000 cm3 of head: it passes the QC gate
     write_as_nifti(head, raw / "sub01.nii.gz")
     write_as_big_endian_analyze(reoriented(head, "LAS"), raw / "sub02_MR1.hdr")
     # All-negative: precomputed skull stripping finds no brain, which on_error: skip turns into an exclusion.

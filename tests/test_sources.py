@@ -15,7 +15,13 @@ import pytest
 from brainvq.config import validated_config
 from brainvq.data import stratify_column
 from brainvq.demographics import COLUMNS, DemographicsError
-from brainvq.io import MissingOrientationError, ScanKeyError, VolumeNotFoundError, discover_scans
+from brainvq.io import (
+    InvalidVolumesError,
+    MissingOrientationError,
+    ScanKeyError,
+    VolumeNotFoundError,
+    discover_scans,
+)
 from brainvq.evaluation import probe_target_spec
 from brainvq.sources import KINDS, Source, SourceError, available_sources, get_source
 from brainvq.sources.ixi import ixi_site, normalise_ixi
@@ -23,7 +29,7 @@ from brainvq.sources.oasis1 import normalise_oasis1
 from brainvq.sources.oasis2 import normalise_oasis2
 from snakemake_helpers import TinyRun, copy_workflow, tiny_config
 from test_io import config, tiny_data, write_analyze, write_nifti
-from test_workflow import head_volume
+from test_workflow import head_affine, head_volume
 
 # The demographics files under the raw folder; the rest is the schema's defaults.
 CONFIG = validated_config({"datasets": {"oasis1": {"demographics_file": "oasis_cross-sectional.csv"}}})
@@ -273,8 +279,11 @@ def test_oasis1_image_selection_picks_t88_with_its_orientation(tmp_path):
 
 def test_oasis1_session_without_selected_image_fails_naming_expected_file(tmp_path):
     oasis1_tree(tmp_path)
-    with pytest.raises(VolumeNotFoundError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr"):
+    # Both sessions lack the image: one error names each expected file.
+    with pytest.raises(InvalidVolumesError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr") as info:
         discover_scans(get_source("oasis1"), tmp_path, config(datasets={"oasis1": {"image": "subj111"}}))
+    assert [type(problem) for _, problem in info.value.problems] == [VolumeNotFoundError] * 2
+    assert "OAS1_0002_MR1_mpr_n4_anon_sbj_111.hdr" in str(info.value)
 
 
 def oasis1_frame() -> pd.DataFrame:
@@ -472,10 +481,9 @@ SOURCE = Toy()
 
 
 def write_toy_folder(folder: Path, n_subjects: int) -> list[str]:
-    """Tiny heads toy-sNN.nii.gz (2 mm voxels), a file the toy layout ignores, and toy.csv; return the subjects."""
+    """Small heads toy-sNN.nii.gz, a file the toy layout ignores, and toy.csv; return the subjects."""
     folder.mkdir(parents=True)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -40
+    affine = head_affine()
     subjects = [f"s{i:02d}" for i in range(n_subjects)]
     for i, subject in enumerate(subjects):
         nib.save(nib.Nifti1Image(head_volume(i).astype(np.int16), affine), folder / f"toy-{subject}.nii.gz")

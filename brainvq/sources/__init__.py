@@ -60,6 +60,11 @@ class Source:
         when one of them changes and only then. ``find_rows`` and ``participants`` see nothing else."""
         return {}
 
+    def required_paths(self, config: dict) -> dict[str, str]:
+        """Return the configured files and folders that must exist before the run starts, by config key
+        (checked at start-up by ``brainvq.config.check_startup``); by default none."""
+        return {}
+
     def find_rows(self, raw_root: Path, settings: dict) -> list[dict]:
         """Return one ``brainvq.io.scan_row`` per candidate scan under ``raw_root`` (files not yet read)."""
         raise NotImplementedError(f"source {self.name!r} does not say how to find its scans (find_rows)")

@@ -64,7 +64,9 @@ def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | No
             continue
         scan, subject, session = local_scan_key(path, regex)
         row = scan_row(scan, subject, session, path, analyze_orientation)
-        if name.endswith(".hdr") and row["format"] == "analyze" and not analyze_orientation:
+        # A lone .hdr is not an orientation problem: validation names its missing .img (and skip mode skips it).
+        complete_pair = pair_paths(path)[1].exists()
+        if name.endswith(".hdr") and complete_pair and row["format"] == "analyze" and not analyze_orientation:
             raise MissingOrientationError(
                 f"{path} is Analyze, whose header carries no orientation; set dataset.analyze_orientation "
                 "to the voxel axis codes of your Analyze files (e.g. LAS), or convert them to NIfTI"
@@ -94,6 +96,10 @@ citation here before sharing results.</p>
     def discovery_settings(self, config: dict) -> dict:
         dataset = config["dataset"]
         return {key: dataset[key] for key in ("local_dir", "subject_regex", "participants", "analyze_orientation")}
+
+    def required_paths(self, config: dict) -> dict[str, str]:
+        dataset = config["dataset"]
+        return {f"dataset.{key}": dataset[key] for key in ("local_dir", "participants") if dataset[key]}
 
     def find_rows(self, raw_root: Path, settings: dict) -> list[dict]:
         return local_rows(raw_root, settings["subject_regex"], settings["analyze_orientation"])
