@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainvq.config import box_problems
 from brainvq.data import write_slices_h5
 from brainvq.preprocessing import EmptyMaskError, PreprocessingError, scaled_intensities
 
@@ -22,21 +23,10 @@ def volume_box_voxels(settings: dict, downsample: int | None = None) -> tuple[in
         PreprocessingError: a side is not a whole number of voxels, or (with ``downsample``, the
             ``vqvae.downsample``) not a multiple of it.
     """
-    spacing = settings["spacing_mm"]
-    box = [float(side) for side in settings["box_mm"]]
-    voxels = [round(side / spacing) for side in box]
-    if any(not np.isclose(n * spacing, side) for n, side in zip(voxels, box)):
-        raise PreprocessingError(
-            f"preprocess.box_mm={settings['box_mm']} is not a whole number of {spacing:g} mm voxels per axis; "
-            "give each side as a multiple of preprocess.spacing_mm"
-        )
-    if downsample and any(n % downsample for n in voxels):
-        raise PreprocessingError(
-            f"preprocess.box_mm={settings['box_mm']} at spacing_mm={spacing:g} gives {voxels} voxels, not all "
-            f"multiples of vqvae.downsample={downsample}; choose box_mm sides that are multiples of "
-            f"{downsample * spacing:g} mm"
-        )
-    x, y, z = voxels
+    problems = box_problems(settings, downsample)
+    if problems:
+        raise PreprocessingError(problems[0])
+    x, y, z = (round(float(side) / settings["spacing_mm"]) for side in settings["box_mm"])
     return z, y, x
 
 
@@ -77,7 +67,7 @@ def cut_box(array: np.ndarray, starts, shape) -> np.ndarray:
     return out
 
 
-def scan_volume(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
+def scan_volume(volume: np.ndarray, mask: np.ndarray, settings: dict, skull_strip_reason: str = "") -> dict:
     """Return one scan as a whole volume cut to ``preprocess.box_mm``, or none with the reason it is excluded.
 
     Intensities are normalised as slices are (:func:`scaled_intensities`: clipped at the foreground's
@@ -88,6 +78,8 @@ def scan_volume(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
         volume: 3D RAS brain (or head) volume at ``spacing_mm``; mask: its 3D mask (an empty mask marks a
             scan whose skull stripping failed under ``on_error: skip``).
         settings: the ``preprocess`` config section (``dims: 3``).
+        skull_strip_reason: why the QC gate after skull stripping leaves the scan out ('' when it passed), as
+            for ``brainvq.preprocessing.scan_slices``.
 
     Returns:
         dict in the shape of ``brainvq.preprocessing.scan_slices``' with one item, the volume: ``images`` ``(1, z, y, x)`` in
@@ -103,6 +95,8 @@ def scan_volume(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
     box = (-1,) * 6
     if not mask.any():
         stage, reason = "skull_strip", f"empty mask after skull_strip={settings['skull_strip']}"
+    elif skull_strip_reason:
+        stage, reason = "skull_strip", skull_strip_reason
     else:
         stack_mask = volume_stack(mask)
         starts = centred_box(stack_mask, shape)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from brainvq.config import config_hash
 from brainvq.data import read_split, write_shards
-from brainvq.preprocessing import shard_geometry
+from brainvq.preprocessing import mask_kind, shard_geometry
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
@@ -18,6 +18,8 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         attrs={
             "spacing_mm": preprocess["spacing_mm"],
             **shard_geometry(preprocess),
+            "mask_kind": mask_kind(preprocess),
+            "skull_strip": preprocess["skull_strip"],
             "source": snakemake.params.source,
             "config_hash": config_hash(preprocess),
         },
