@@ -8,7 +8,6 @@ A 3D run has no prior, samples, probe or anomaly maps (those are 2D); the report
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,18 @@ from brainvq.reporting import (
     _new_figure,
     _no_data,
     codebook_usage_figure,
-    data_uri,
-    figure_png,
     formatted,
     git_commit,
     html_table,
     metric_value,
     montage_entries,
+    page_basics,
     read_metrics,
     read_table,
     report_software_versions,
     software_rows,
     training_curves_figure,
+    written_figures,
 )
 
 FIGURE_NAMES = ("training_curves", "reconstructions", "ssim_distribution", "codebook_usage", "som_grid")
@@ -279,20 +278,14 @@ def build_volume_report(inputs: VolumeReportInputs, config: dict, html_path: str
     history = read_table(inputs.vqvae_history, "vqvae/history.csv (train_vqvae)")
     arrays = read_volume_figure_arrays(inputs.figures_npz)
 
-    figures = {}
-    for name, fig in volume_report_figures(metrics, arrays, per_scan, history).items():
-        png = figure_png(fig, settings["figure_dpi"])
-        write_bytes_atomic(Path(figures_dir) / f"{name}.png", png)
-        figures[name] = data_uri(png)
+    figures = written_figures(volume_report_figures(metrics, arrays, per_scan, history), figures_dir,
+                              settings["figure_dpi"])
     excluded_html, excluded_left_out = html_table(excluded, settings["max_table_rows"])
     per_scan_html, per_scan_left_out = html_table(
         per_scan.sort_values("ssim_gaussian") if "ssim_gaussian" in per_scan.columns else per_scan,
         settings["max_table_rows"])
     context = {
-        "title": settings["title"],
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "attribution_html": attribution_html,
-        "summary": run_summary(config, split_df, excluded, metrics),
+        **page_basics(settings, attribution_html, run_summary(config, split_df, excluded, metrics)),
         "reconstruction_table": html_table(volume_reconstruction_table(metrics))[0],
         "codebook_table": html_table(codebook_table(metrics))[0],
         "study_table": html_table(study_table(metrics, config.get("vqvae", {}).get("bottleneck", "")))[0],
