@@ -6,19 +6,34 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from brainvq.apply import require_apply_input
+from brainvq.bundle import read_bundle, trained_preprocess
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
 from brainvq.sources import get_source
 
 validate(config, "../config/schema.yaml")
 
-RUN = config["run"]
-RUN_DIR = f"{config['results_dir']}/{RUN}"
+# Apply mode (apply.model set): a trained model runs on new scans instead of training. Its bundle is
+# checked here (an unfinished run, another format or a changed file stop the run), and from here on the
+# dataset is apply.input and preprocessing is the bundle's: the settings the model was trained with.
+APPLY = config["apply"]["model"] is not None
+if APPLY:
+    BUNDLE_DIR, BUNDLE = read_bundle(config["apply"]["model"])
+    config["dataset"] = config["apply"]["input"]
+    config["preprocess"] = trained_preprocess(BUNDLE, config["apply"]["on_error"])
+    RUN = BUNDLE["run"]
+    RUN_DIR = f"{config['results_dir']}/{RUN}/apply/{config['apply']['name']}"
+else:
+    RUN = config["run"]
+    RUN_DIR = f"{config['results_dir']}/{RUN}"
 RESOURCES = config["resources_dir"]
 # The data source (brainvq/sources/<dataset.source>.py): rules ask it, never test its name.
 # Checked at parse time: an unknown name, missing settings or unaccepted terms stop the run here.
 SOURCE = get_source(config["dataset"]["source"])
 RAW_ROOT = SOURCE.raw_root(config)
 SOURCE.require_terms(config)
+if APPLY:
+    require_apply_input(RAW_ROOT, SOURCE.name)
 if SOURCE.terms:
     print(f"brainvq: {SOURCE.name} terms of use:\n{SOURCE.terms}", file=sys.stderr)
 

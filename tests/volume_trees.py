@@ -50,12 +50,12 @@ def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 
 
 def write_dicom_series(img, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1", drop=(),
-                       description: str = "MPRAGE") -> list[Path]:
+                       description: str = "MPRAGE", name: str = "IM{number:04d}.dcm") -> list[Path]:
     """Write ``img`` (3D, integer data) as a DICOM series, one file per slice along its third voxel axis.
 
     Every file carries the geometry tags a scanner writes (ImageOrientationPatient, ImagePositionPatient,
-    PixelSpacing, SliceThickness) in DICOM's LPS world. Slices whose index is in ``drop`` are left out.
-    Returns the files written.
+    PixelSpacing, SliceThickness) in DICOM's LPS world. Slices whose index is in ``drop`` are left out; file
+    names are ``name`` with the slice number. Returns the files written.
     """
     import SimpleITK as sitk
 
@@ -83,7 +83,7 @@ def write_dicom_series(img, folder: Path, series_uid: str = "1.2.826.0.1.3680043
             ("0020|0013", str(k + 1)), ("0018|0050", f"{zooms[2]:.6f}"), ("0008|0018", f"{series_uid}.{k + 1}"),
         ):
             piece.SetMetaData(tag, value)
-        path = folder / f"IM{k + 1:04d}.dcm"
+        path = folder / name.format(number=k + 1)
         writer.SetFileName(str(path))
         writer.Execute(piece)
         written.append(path)
@@ -137,12 +137,14 @@ def write_adni_tree(root: Path, volume: nib.Nifti1Image, images=ADNI_IMAGES) -> 
     adni = root / "ADNI"
     for subject, description, when, folder, image_id, fmt in images:
         target = adni / subject / description / when / folder
+        stamp = when[:10].replace("-", "") + "101010123"
+        loni_name = f"ADNI_{subject}_MR_{description}_br_raw_{stamp}_{{number}}_{folder}_{image_id}"
         if fmt == "dicom":
-            write_dicom_series(volume, target, series_uid=f"1.2.840.113619.{image_id[1:]}", description=description)
+            write_dicom_series(volume, target, series_uid=f"1.2.840.113619.{image_id[1:]}", description=description,
+                               name=loni_name + ".dcm")
         else:
             target.mkdir(parents=True, exist_ok=True)
-            stamp = when[:10].replace("-", "") + "101010123"
-            nib.save(volume, str(target / f"ADNI_{subject}_MR_{description}_br_raw_{stamp}_1_{folder}_{image_id}.nii"))
+            nib.save(volume, str(target / (loni_name.format(number=1) + ".nii")))
     return adni
 
 

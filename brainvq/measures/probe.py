@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -100,6 +101,35 @@ def downsampled_mean_slice(images: np.ndarray, size_px: int) -> np.ndarray:
     return small.mean(0).ravel()
 
 
+def probe_training_problem(y_train: np.ndarray, groups_train: np.ndarray, cv_folds: int) -> str | None:
+    """Return why no probe can be fitted on these training labels (a class with under 2 subjects), or None."""
+    groups_per_class = [len(set(np.asarray(groups_train)[y_train == c])) for c in (0, 1)]
+    if min(cv_folds, *groups_per_class) < 2:
+        return (f"training set has {groups_per_class[0]} negative and {groups_per_class[1]} positive "
+                "subjects; at least 2 of each are needed to choose C by cross-validation")
+    return None
+
+
+def fitted_probe(x_train: np.ndarray, y_train: np.ndarray, groups_train: np.ndarray, cv_folds: int, n_cs: int,
+                 seed: int):
+    """Return (a standardised logistic regression fitted with C chosen by grouped, stratified CV on AUROC, None),
+    or (None, the reason it cannot be fitted: too few subjects of a class, or a failed fit)."""
+    reason = probe_training_problem(y_train, groups_train, cv_folds)
+    if reason:
+        return None, reason
+    folds = min(cv_folds, *[len(set(np.asarray(groups_train)[y_train == c])) for c in (0, 1)])
+    splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+        x_train, y_train, groups_train))
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(
+        Cs=n_cs, cv=splits, scoring="roc_auc", l1_ratios=(0.0,), max_iter=2000, use_legacy_attributes=False))
+    try:
+        model.fit(x_train, y_train)
+    except ValueError as error:  # e.g. a fold left with one class: report it rather than lose every other metric
+        log.warning("probe fit failed: %s", error)
+        return None, f"the classifier could not be fitted: {error}"
+    return model, None
+
+
 def probe_auroc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                 groups_train: np.ndarray, cv_folds: int, n_cs: int, seed: int) -> dict:
     """Fit a standardised logistic regression (C chosen by grouped, stratified CV on AUROC) and score the test set.
@@ -110,26 +140,47 @@ def probe_auroc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
     """
     result = {"auroc": None, "reason": None, "C": None, "n_train": int(len(y_train)), "n_test": int(len(y_test)),
               "n_test_positive": int(np.sum(y_test == 1))}
-    groups_per_class = [len(set(np.asarray(groups_train)[y_train == c])) for c in (0, 1)]
-    folds = min(cv_folds, *groups_per_class)
-    if folds < 2:
-        result["reason"] = (f"training set has {groups_per_class[0]} negative and {groups_per_class[1]} positive "
-                            "subjects; at least 2 of each are needed to choose C by cross-validation")
-        return result
-    if len(set(y_test.tolist())) < 2:
+    result["reason"] = probe_training_problem(y_train, groups_train, cv_folds)
+    if result["reason"] is None and len(set(y_test.tolist())) < 2:
         result["reason"] = (f"all {len(y_test)} test scans have label {int(y_test[0]) if len(y_test) else 'none'}; "
                             "AUROC is undefined with one class")
+    if result["reason"]:
         return result
-    splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
-        x_train, y_train, groups_train))
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=n_cs, cv=splits, scoring="roc_auc", l1_ratios=(0.0,), max_iter=2000, use_legacy_attributes=False))
-    try:
-        model.fit(x_train, y_train)
-    except ValueError as error:  # e.g. a fold left with one class: report it rather than lose every other metric
-        log.warning("probe fit failed: %s", error)
-        result["reason"] = f"the classifier could not be fitted: {error}"
+    model, result["reason"] = fitted_probe(x_train, y_train, groups_train, cv_folds, n_cs, seed)
+    if model is None:
         return result
     result["auroc"] = float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))
     result["C"] = float(model[-1].C_)
+    return result
+
+
+def cross_validated_probe_auroc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cv_folds: int, n_cs: int,
+                                seed: int) -> dict:
+    """Return the out-of-fold AUROC of the probe over scans without a train/test split (e.g. applied scans).
+
+    Scans are split into at most ``cv_folds`` folds grouped by subject and stratified by label; each fold is
+    predicted by a probe fitted (C by an inner grouped CV) on the other folds, and the AUROC is computed over
+    all out-of-fold predictions. ``auroc`` is None, with the ``reason``, when a class has too few subjects.
+
+    Returns:
+        ``{"auroc", "reason", "n_scans", "n_positive", "folds"}``.
+    """
+    y = np.asarray(y, int)
+    result = {"auroc": None, "reason": None, "n_scans": int(len(y)), "n_positive": int(np.sum(y == 1)), "folds": 0}
+    groups_per_class = [len(set(np.asarray(groups)[y == c])) for c in (0, 1)]
+    folds = min(cv_folds, *groups_per_class)
+    # Each outer training part must keep 2 subjects of each class for the inner CV that chooses C.
+    if folds < 2 or min(groups_per_class) - math.ceil(min(groups_per_class) / folds) < 2:
+        result["reason"] = (f"{groups_per_class[0]} negative and {groups_per_class[1]} positive subjects; at least "
+                            "3 of each are needed for a cross-validated probe")
+        return result
+    scores = np.full(len(y), np.nan)
+    outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, test in outer.split(x, y, groups):
+        model, reason = fitted_probe(x[train], y[train], np.asarray(groups)[train], cv_folds, n_cs, seed)
+        if model is None:
+            result["reason"] = reason
+            return result
+        scores[test] = model.predict_proba(x[test])[:, 1]
+    result["auroc"], result["folds"] = float(roc_auc_score(y, scores)), int(folds)
     return result
