@@ -44,7 +44,7 @@ def require_apply_input(raw_root: str | Path, source: str) -> None:
 # ------------------------------------------------------------------------------------------------ per scan
 
 
-def middle_slice(values: np.ndarray, positions: np.ndarray) -> int:
+def middle_slice(positions: np.ndarray) -> int:
     """Return the row of the slice whose position is nearest 0.5."""
     return int(np.argmin(np.abs(np.asarray(positions) - 0.5)))
 
@@ -75,23 +75,23 @@ def figure_arrays(prepared, outputs) -> dict:
         empty = np.zeros((0, 0), np.float32)
         return {"original": empty, "reconstruction": empty, "anomaly": empty, "mask": empty.astype(bool),
                 "position": np.float32(np.nan)}
-    k = middle_slice(prepared.images, prepared.slice_position)
-    return {"original": prepared.images[k], "reconstruction": outputs.reconstructions[k],
-            "anomaly": outputs.anomaly[k], "mask": prepared.masks[k], "position": np.float32(prepared.slice_position[k])}
+    k = middle_slice(prepared.slice_position)
+    return {"original": prepared.images[k], "reconstruction": outputs.reconstructions[k], "anomaly": outputs.anomaly[k],
+            "mask": prepared.masks[k], "position": np.float32(prepared.slice_position[k])}
 
 
 def write_applied_scan(model, prepared, scan: str, subject: str, session: str, path: str, out: dict) -> dict:
     """Run ``model`` on one prepared scan and write its outputs; return its summary.
 
     Args:
-        model: a ``brainvq.inference.BrainModel``.
+        model: a ``brainvq.inference.SliceModel``.
         prepared: the scan's ``brainvq.inference.PreparedScan``.
         scan, subject, session, path: the scan's key, subject, session and input file (for the records).
         out: the output paths ``codes``, ``recon``, ``anomaly``, ``summary``, ``figure``.
     """
     from brainvq.io import save_volume_atomic
 
-    prepared, outputs = model.run(prepared)
+    outputs = model.outputs(prepared)
     recon, anomaly = model.native_images(prepared, outputs)
     summary = scan_summary(scan, subject, session, path, prepared, outputs, model.manifest["codebook_size"])
     with atomic_path(out["codes"], ".npy") as tmp:

@@ -60,6 +60,19 @@ def bundle_package_versions() -> dict:
     return {**package_versions(BUNDLE_PACKAGES), "brainvq": __version__}
 
 
+def model_description(vqvae_path: str | Path) -> dict:
+    """Return what a bundle records about a VQ-VAE file: slice size, code map size, codebook size, bottleneck."""
+    import torch
+
+    from brainvq.training import load_vqvae
+
+    model = load_vqvae(vqvae_path)
+    with torch.no_grad():
+        code_map = model.encode_indices(torch.zeros(1, 1, *model.image_size))
+    return {"image_size": list(model.image_size), "code_map_size": list(code_map.shape[1:]),
+            "codebook_size": model.codebook_size, "bottleneck": type(model.bottleneck).__name__}
+
+
 def run_description(vqvae_path: str | Path, metrics_json: str | Path, split_csv: str | Path, run: str,
                     source: str, attribution_html: str, preprocess: dict, anomaly_smoothing_fraction: float) -> dict:
     """Return what a run's bundle says about its models (see :func:`write_bundle`), read from the run's files.
@@ -70,28 +83,57 @@ def run_description(vqvae_path: str | Path, metrics_json: str | Path, split_csv:
         preprocess: the ``preprocess`` section the models were trained with.
         anomaly_smoothing_fraction: ``evaluate.anomaly_smoothing_fraction``, how anomaly maps are smoothed.
     """
-    import torch
-
     from brainvq.data import read_split
     from brainvq.preprocessing import pixel_mm
-    from brainvq.training import load_vqvae
 
-    model = load_vqvae(vqvae_path)
-    with torch.no_grad():
-        code_map = model.encode_indices(torch.zeros(1, 1, *model.image_size))
     metrics = json.loads(Path(metrics_json).read_text())
     split = read_split(split_csv)
     return {
         "run": run, "source": source, "attribution_html": attribution_html,
-        "preprocess": preprocess, "pixel_mm": pixel_mm(preprocess),
-        "image_size": list(model.image_size), "code_map_size": list(code_map.shape[1:]),
-        "codebook_size": model.codebook_size, "bottleneck": type(model.bottleneck).__name__,
+        "preprocess": preprocess, "pixel_mm": pixel_mm(preprocess), **model_description(vqvae_path),
         "anomaly_smoothing_fraction": anomaly_smoothing_fraction,
         "training_data": {f"{name}_scans": int((split["split"] == name).sum()) for name in ("train", "test")}
         | {"subjects": int(split["subject"].nunique())},
         "evaluation": {key: metrics.get(key) for key in ("reconstruction", "codebook", "n_test_scans",
                                                            "n_test_subjects", "n_test_slices")},
     }
+
+
+def untrained_bundle(out_dir: str | Path, config: dict, run: str = "untrained", seed: int = 0) -> Path:
+    """Write a bundle of untrained models built from a validated config's ``vqvae`` and ``pixelcnn`` sections
+    (random weights, in the files' real formats); return its folder.
+
+    For timing the apply workflow, whose speed does not depend on the weights, and for tests. Its bundle.json
+    says ``untrained: true`` and has no training data or evaluation.
+    """
+    import tempfile
+
+    import torch
+
+    from brainvq.models import build_vqvae
+    from brainvq.preprocessing import pixel_mm
+    from brainvq.prior import build_prior, model_file_state, model_kwargs
+    from brainvq.training import MODEL_FILE_FORMAT
+
+    torch.manual_seed(seed)
+    size = config["preprocess"]["size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vqvae_path, prior_path = Path(tmp) / "vqvae.pt", Path(tmp) / "prior.pt"
+        vqvae = build_vqvae(config["vqvae"])
+        torch.save({"format": MODEL_FILE_FORMAT, "config": config["vqvae"], "model": vqvae.state_dict(), "step": 0,
+                    "image_size": [size, size]}, vqvae_path)
+        described = model_description(vqvae_path)
+        kwargs = model_kwargs(config["pixelcnn"], described["codebook_size"], described["code_map_size"], 0)
+        prior = build_prior(kwargs, config=config["pixelcnn"])
+        torch.save(model_file_state(prior, kwargs, map_size=described["code_map_size"]), prior_path)
+        description = {
+            "run": run, "source": config["dataset"]["source"], "attribution_html": "", "untrained": True,
+            "preprocess": config["preprocess"], "pixel_mm": pixel_mm(config["preprocess"]), **described,
+            "anomaly_smoothing_fraction": config["evaluate"]["anomaly_smoothing_fraction"],
+            "training_data": None, "evaluation": None,
+        }
+        write_bundle(out_dir, vqvae_path, prior_path, description)
+    return Path(out_dir)
 
 
 def write_bundle(out_dir: str | Path, vqvae_path: str | Path, prior_path: str | Path, description: dict) -> Path:

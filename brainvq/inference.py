@@ -1,22 +1,13 @@
-"""Using a trained model on new scans: ``brainvq.load_model(path)`` with a run folder or a model bundle.
+"""Trained models on prepared scans: codes, reconstructions and anomaly maps, put back on the input's voxel grid.
 
-::
-
-    import brainvq
-    model = brainvq.load_model("results/demo")             # or results/demo/model, a copied bundle
-    codes = model.encode("sub-01_T1w.nii.gz")               # (n_slices, h, w) int16
-    slices = model.decode(codes)                            # (n_slices, H, W) float32 in [0, 1]
-    recon = model.reconstruct("sub-01_T1w.nii.gz")          # nibabel image on the input's own voxel grid
-    scores = model.anomaly_map(nibabel.load("patient.nii.gz"))
-    samples = model.sample(16, positions=[0.3, 0.5, 0.7])   # (16, H, W) slices drawn from the prior
-
-A volume is a path (NIfTI, Analyze with ``orientation``, or a DICOM series folder) or a nibabel image. Every
-volume goes through the preprocessing the models were trained with (the bundle's ``preprocess`` section):
-RAS at ``spacing_mm``, skull stripping, optional N4, axial slices cut to ``field_of_view_mm`` and resized.
-Reconstructions and anomaly maps are put back through the same geometry onto the input's voxel grid (its
-shape and affine), so they overlay the input in any viewer; reconstructions are in the input's intensity units
-(the clip window of the preprocessing), anomaly maps in normalised intensity (|slice - reconstruction| on the
-[0, 1] slices, smoothed as the evaluation smooths them).
+A :class:`PreparedScan` is one volume after the preprocessing the models were trained with (the bundle's
+``preprocess`` section): RAS at ``spacing_mm``, skull stripping, optional N4, axial slices cut to
+``field_of_view_mm`` and resized. :class:`SliceModel` encodes, decodes and scores its slices, and puts
+reconstructions and anomaly maps back through the same geometry onto the input's voxel grid (its shape and
+affine), so they overlay the input in any viewer: reconstructions in the input's intensity units (the clip
+window of the preprocessing), anomaly maps in normalised intensity (|slice - reconstruction| on the [0, 1]
+slices, smoothed as the evaluation smooths them). ``brainvq.load_model`` (brainvq/api.py) adds volumes given
+as paths or images.
 """
 
 from __future__ import annotations
@@ -30,20 +21,9 @@ import pandas as pd
 import torch
 
 from brainvq.bundle import MODEL_FILES, read_bundle, trained_preprocess
-from brainvq.io import checked_voxels, load_volume, read_voxels
 from brainvq.measures.anomaly import anomaly_score_maps
 from brainvq.measures.similarity import reconstruction_metric_table
-from brainvq.preprocessing import (
-    float32_image,
-    intensity_window,
-    n4_bias_correct,
-    reorient_to_ras,
-    resample_isotropic,
-    resample_to_grid,
-    scan_slices,
-    skull_strip,
-    slices_to_volume,
-)
+from brainvq.preprocessing import float32_image, intensity_window, resample_to_grid, scan_slices, slices_to_volume
 from brainvq.prior import load_prior, sample_codes
 from brainvq.runtime import select_device
 from brainvq.training import load_vqvae
@@ -87,15 +67,6 @@ class ScanOutputs:
     metrics: pd.DataFrame
 
 
-def as_image(volume, orientation: str | None = None) -> nib.Nifti1Image:
-    """Return ``volume`` (a path or a nibabel image) as a validated float32 image (see ``brainvq.io.load_volume``)."""
-    if isinstance(volume, (str, Path)):
-        return load_volume(volume, orientation)
-    data = checked_voxels(read_voxels(volume, Path(volume.get_filename() or "<nibabel image>")),
-                          Path(volume.get_filename() or "<nibabel image>"))
-    return float32_image(data, volume.affine)
-
-
 def prepared_scan(brain: np.ndarray, mask: np.ndarray, ras_affine: np.ndarray, native: nib.Nifti1Image,
                   settings: dict) -> PreparedScan:
     """Return the PreparedScan of a preprocessed RAS ``brain`` volume and its ``mask`` (``native``: the input)."""
@@ -109,27 +80,16 @@ def prepared_scan(brain: np.ndarray, mask: np.ndarray, ras_affine: np.ndarray, n
         native_affine=np.asarray(native.affine, float), excluded_reason=cut["excluded_reason"])
 
 
-def prepare_volume(volume, settings: dict, orientation: str | None = None) -> PreparedScan:
-    """Return ``volume`` through the whole preprocessing of ``settings`` (a ``preprocess`` section).
 
-    Raises:
-        brainvq.io.VolumeError: an unreadable or invalid volume; brainvq.preprocessing.EmptyMaskError: no brain.
-    """
-    native = as_image(volume, orientation)
-    ras = resample_isotropic(reorient_to_ras(native), settings["spacing_mm"])
-    brain, mask = skull_strip(ras, settings["skull_strip"], bet_fractional_threshold=settings["bet_fractional_threshold"],
-                              bet_iterations=settings["bet_iterations"])
-    if settings["n4"]:
-        brain = n4_bias_correct(brain, mask)
-    return prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, ras.affine, native, settings)
+class SliceModel:
+    """A trained VQ-VAE and prior with the preprocessing they were trained with, working on prepared scans.
 
-
-class BrainModel:
-    """A trained VQ-VAE and prior with the preprocessing they were trained with. Use :func:`load_model`.
+    The workflow's apply_scan rule uses it on scans its preprocess rules prepared; :class:`brainvq.api.BrainModel`
+    (``brainvq.load_model``) adds the preprocessing of volumes given as paths or images.
 
     Attributes:
         folder: the bundle folder; manifest: its bundle.json; settings: the ``preprocess`` section.
-        vqvae, prior: the models (eval mode, on ``device``).
+        vqvae, prior: the models (eval mode, on ``device``); batch_size: slices per forward pass.
     """
 
     def __init__(self, folder: Path, manifest: dict, vqvae, prior, device: torch.device, batch_size: int = 64):
@@ -138,14 +98,8 @@ class BrainModel:
         self.batch_size = batch_size
 
     def __repr__(self) -> str:
-        return (f"BrainModel({str(self.folder)!r}: run {self.manifest.get('run')!r} trained on "
+        return (f"{type(self).__name__}({str(self.folder)!r}: run {self.manifest.get('run')!r} trained on "
                 f"{self.manifest.get('source')!r}, {self.settings['size']} px slices)")
-
-    def prepare(self, volume, orientation: str | None = None) -> PreparedScan:
-        """Return ``volume`` (path, nibabel image or PreparedScan) after the bundle's preprocessing."""
-        if isinstance(volume, PreparedScan):
-            return volume
-        return prepare_volume(volume, self.settings, orientation)
 
     @torch.no_grad()
     def _batches(self, function, array: np.ndarray, dtype) -> np.ndarray:
@@ -153,9 +107,8 @@ class BrainModel:
                    .float().cpu().numpy() for start in range(0, len(array), self.batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
-    def encode(self, volume, orientation: str | None = None) -> np.ndarray:
-        """Return the codes ``(n_slices, h, w)`` int16 of a volume's slices, lowest slice first."""
-        prepared = self.prepare(volume, orientation)
+    def encode_slices(self, prepared: PreparedScan) -> np.ndarray:
+        """Return the codes ``(n_slices, h, w)`` int16 of a prepared scan's slices, lowest slice first."""
         if not len(prepared.images):
             return np.zeros((0, *self.manifest["code_map_size"]), np.int16)
         return self._batches(self.vqvae.encode_indices, prepared.images[:, None], torch.float32).astype(np.int16)
@@ -167,15 +120,14 @@ class BrainModel:
             return np.zeros((0, *self.manifest["image_size"]), np.float32)
         return np.clip(self._batches(self.vqvae.decode_indices, codes, torch.long)[:, 0], 0, 1).astype(np.float32)
 
-    def run(self, volume, orientation: str | None = None) -> tuple[PreparedScan, ScanOutputs]:
-        """Return the prepared scan and its codes, reconstructions, anomaly scores and per-slice metrics."""
-        prepared = self.prepare(volume, orientation)
-        codes = self.encode(prepared)
+    def outputs(self, prepared: PreparedScan) -> ScanOutputs:
+        """Return a prepared scan's codes, reconstructions, anomaly scores and per-slice metrics."""
+        codes = self.encode_slices(prepared)
         reconstructions = self.decode(codes)
         sigma_px = self.manifest["anomaly_smoothing_fraction"] * self.settings["size"]
         anomaly = anomaly_score_maps(prepared.images, reconstructions, sigma_px) * prepared.masks
         metrics = reconstruction_metric_table(prepared.images, reconstructions, prepared.masks)
-        return prepared, ScanOutputs(codes, reconstructions, anomaly.astype(np.float32), metrics)
+        return ScanOutputs(codes, reconstructions, anomaly.astype(np.float32), metrics)
 
     def native_images(self, prepared: PreparedScan, outputs: ScanOutputs) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
         """Return (reconstruction, anomaly map) on the input's voxel grid; 0 outside the brain and the kept slices."""
@@ -190,14 +142,6 @@ class BrainModel:
         return tuple(resample_to_grid(float32_image(data, prepared.ras_affine), prepared.native_shape,
                                       prepared.native_affine) for data in (recon, anomaly))
 
-    def reconstruct(self, volume, orientation: str | None = None) -> nib.Nifti1Image:
-        """Return the reconstruction of ``volume`` on its own voxel grid, in its intensity units."""
-        return self.native_images(*self.run(volume, orientation))[0]
-
-    def anomaly_map(self, volume, orientation: str | None = None) -> nib.Nifti1Image:
-        """Return the anomaly map of ``volume`` on its own voxel grid: smoothed |slice - reconstruction| in the brain."""
-        return self.native_images(*self.run(volume, orientation))[1]
-
     def sample(self, n: int, positions, labels=None, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
         """Return ``n`` slices ``(n, H, W)`` drawn from the prior, spread evenly over slice ``positions`` (0 = the
         lowest brain slice, 1 = the highest), decoded by the VQ-VAE. ``labels``: one class per slice, for a prior
@@ -208,15 +152,18 @@ class BrainModel:
         return self.decode(codes.numpy())
 
 
-def load_model(path: str | Path, device: str = "cpu", strict_versions: bool = False,
-               batch_size: int = 64) -> BrainModel:
-    """Return the trained models of a run folder (``results/<run>``) or a model bundle, ready to use.
+
+
+def load_slice_model(path: str | Path, device: str = "cpu", strict_versions: bool = False, batch_size: int = 64,
+                     model_class: type = SliceModel):
+    """Return the trained models of a run folder (``results/<run>``) or a model bundle as ``model_class``.
 
     Args:
         path: a finished run's folder or its ``model/`` bundle (also a copy of it elsewhere).
         device: 'cpu', 'cuda' or 'auto'.
         strict_versions: refuse a bundle written with other package versions (default: warn).
         batch_size: slices per forward pass.
+        model_class: SliceModel or a subclass (``brainvq.api.BrainModel``).
 
     Raises:
         brainvq.bundle.ModelNotReadyError: the run has not finished; BundleVersionError, BundleChecksumError.
@@ -225,4 +172,4 @@ def load_model(path: str | Path, device: str = "cpu", strict_versions: bool = Fa
     torch_device = select_device(device)
     vqvae = load_vqvae(folder / MODEL_FILES["vqvae"], torch_device)
     prior = load_prior(folder / MODEL_FILES["prior"], torch_device)
-    return BrainModel(folder, manifest, vqvae, prior, torch_device, batch_size)
+    return model_class(folder, manifest, vqvae, prior, torch_device, batch_size)

@@ -239,6 +239,25 @@ def test_probe_reports_undefined_auroc_with_a_reason_for_a_single_class_test_set
     assert result["auroc"] is None and "0 negative" in result["reason"]
 
 
+def test_cross_validated_probe_separates_a_separable_toy_and_not_shuffled_labels():
+    rng = np.random.default_rng(4)
+    subjects = np.arange(120) // 2  # two scans per subject with one label: folds must keep them together
+    label_of_subject = np.arange(60) % 2
+    y = label_of_subject[subjects]
+    x = rng.normal(size=(120, 8)) + 3.0 * y[:, None]
+    good = probe.cross_validated_probe_auroc(x, y, subjects, cv_folds=3, n_cs=4, seed=0)
+    assert good["auroc"] > 0.95 and good["folds"] == 3 and good["n_scans"] == 120
+    shuffled = rng.permutation(label_of_subject)[subjects]
+    bad = probe.cross_validated_probe_auroc(x, shuffled, subjects, cv_folds=3, n_cs=4, seed=0)
+    assert abs(bad["auroc"] - 0.5) < 0.15
+
+
+def test_cross_validated_probe_needs_three_subjects_of_each_class():
+    x, y = probe_data(10, separable=True, seed=6)
+    result = probe.cross_validated_probe_auroc(x[:5], np.array([0, 0, 1, 1, 1]), np.arange(5), 5, 4, 0)
+    assert result["auroc"] is None and "2 negative and 3 positive subjects" in result["reason"]
+
+
 def test_probe_targets_parse_and_use_the_training_median():
     table = pd.DataFrame({"atrophy": [1.0, 2.0, 3.0, 10.0, None], "sex": ["F", "M", "M", "F", ""],
                           "site": ["a", "b", "c", "a", "b"]})

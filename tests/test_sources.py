@@ -557,7 +557,7 @@ def test_adnimerge_matches_the_nearest_exam_within_the_window_with_age_at_the_sc
 
 def test_adni_needs_its_data_use_agreement_accepted(tmp_path):
     source = get_source("adni")
-    with pytest.raises(TermsNotAcceptedError, match=r"ADNI Data Use Agreement.*accept_terms: true"):
+    with pytest.raises(TermsNotAcceptedError, match=r"(?s)ADNI Data Use Agreement.*accept_terms: true"):
         source.require_terms(adni_config(tmp_path))
     source.require_terms(adni_config(tmp_path, accept_terms=True))
     assert "adni.loni.usc.edu" in source.terms and "ADNI_Acknowledgement_List.pdf" in source.attribution_html

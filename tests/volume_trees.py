@@ -16,15 +16,14 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def asymmetric_head(shape=(40, 48, 36), zooms=(4.0, 4.0, 4.0), seed: int = 0) -> np.ndarray:
-    """Return an int16 head-like volume: a bright ellipsoid with a darker core, noise, and an asymmetric blob
-    (so a flipped or permuted read does not give the same array)."""
+    """Return an int16 head-like volume: an ellipsoid whose intensity ramps up along each voxel axis at its own
+    rate, with a darker core and noise, so a flipped or permuted read gives a clearly different array."""
     rng = np.random.default_rng(seed)
     grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * z for n, z in zip(shape, zooms)], indexing="ij")
     radius = np.sqrt(sum((g / (0.42 * n * z)) ** 2 for g, n, z in zip(grids, shape, zooms)))
-    data = np.where(radius < 1, 600.0, 0.0) + np.where(radius < 0.6, 300.0, 0.0)
-    data[: shape[0] // 3, : shape[1] // 2, shape[2] // 2:] *= 1.3 * (radius[: shape[0] // 3, : shape[1] // 2,
-                                                                           shape[2] // 2:] < 1)
-    data += rng.normal(0, 15, shape) * (radius < 1)
+    ramps = sum(rate * g / (n * z) for rate, g, n, z in zip((150.0, 300.0, 450.0), grids, shape, zooms))
+    data = np.where(radius < 1, 600.0 + ramps, 0.0) - np.where(radius < 0.45, 200.0, 0.0)
+    data += rng.normal(0, 10, shape) * (radius < 1)
     return np.clip(data, 0, None).astype(np.int16)
 
 

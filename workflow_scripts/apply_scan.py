@@ -5,13 +5,13 @@ import nibabel as nib
 import numpy as np
 
 from brainvq.apply import write_applied_scan
-from brainvq.inference import load_model, prepared_scan
+from brainvq.inference import load_slice_model, prepared_scan
 from brainvq.io import load_volume
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     params, inputs, scan = snakemake.params, snakemake.input, snakemake.wildcards.scan
-    model = load_model(params.model, params.device, batch_size=params.batch_size)
+    model = load_slice_model(params.model, params.device, batch_size=params.batch_size)
     brain, mask = nib.load(inputs.brain), nib.load(inputs.mask)
     native = load_volume(inputs.volume, params.orientation or None)
     prepared = prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, brain.affine, native,

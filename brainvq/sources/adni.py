@@ -119,6 +119,7 @@ def normalise_collection(table: pd.DataFrame) -> pd.DataFrame:
         "session": iso_dates(table["Acq Date"]),
         "age": pd.to_numeric(table["Age"], errors="coerce"),
         "sex": sex_from_letters(table["Sex"]),
+        "site": table["Subject"].astype(str).str[:3],
     })
     out = pd.concat([out, extra_columns(table, COLLECTION_COLUMNS + ["Modality", "Format", "Downloaded"])], axis=1)
     return out.drop_duplicates(["subject", "session"]).reset_index(drop=True)
@@ -193,7 +194,8 @@ class Adni(FolderSource):
 Alzheimer's Disease Neuroimaging Initiative (ADNI) database (adni.loni.usc.edu). As such, the investigators within the
 ADNI contributed to the design and implementation of ADNI and/or provided data but did not participate in analysis or
 writing of this report. A complete listing of ADNI investigators can be found at:
-<a href="http://adni.loni.usc.edu/wp-content/uploads/how_to_apply/ADNI_Acknowledgement_List.pdf">ADNI_Acknowledgement_List.pdf</a>."
+<a href="http://adni.loni.usc.edu/wp-content/uploads/how_to_apply/ADNI_Acknowledgement_List.pdf"
+>ADNI_Acknowledgement_List.pdf</a>."
 Publications must also carry the ADNI funding statement; the data may not be redistributed.</p>
 """
 
