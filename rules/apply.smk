@@ -1,17 +1,5 @@
 # rules for stage 'apply' (see docs/architecture.md): a trained model on new scans (apply.model set).
 # Discovery, reorientation and skull stripping are the preprocess rules, run with the bundle's settings.
-BUNDLE_FILES = [
-    f"{BUNDLE_DIR}/{name}" for name in ("bundle.json", "vqvae.pt", "prior.pt")
-]
-
-
-def applied_files(folder, suffix):
-    """Input function maker: <folder>/<scan><suffix> of every discovered scan."""
-    return lambda wildcards: [
-        out(f"{folder}/{scan}{suffix}") for scan in discovered_scans()
-    ]
-
-
 rule apply_scan:
     input:
         unpack(raw_volume_files),
@@ -32,7 +20,6 @@ rule apply_scan:
         "../envs/torch.yaml"
     threads: 1
     params:
-        model=str(BUNDLE_DIR),
         orientation=lambda wildcards: scan_info(wildcards.scan)["orientation"],
         subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
         session=lambda wildcards: scan_info(wildcards.scan)["session"],

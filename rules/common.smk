@@ -21,6 +21,9 @@ if APPLY:
     BUNDLE_DIR, BUNDLE = read_bundle(config["apply"]["model"])
     config["dataset"] = config["apply"]["input"]
     config["preprocess"] = trained_preprocess(BUNDLE, config["apply"]["on_error"])
+    BUNDLE_FILES = [
+        f"{BUNDLE_DIR}/{name}" for name in ("bundle.json", "vqvae.pt", "prior.pt")
+    ]
     RUN = BUNDLE["run"]
     RUN_DIR = f"{config['results_dir']}/{RUN}/apply/{config['apply']['name']}"
 else:
@@ -98,6 +101,13 @@ def raw_volume_files(wildcards):
     if path.lower().endswith(".hdr"):
         return {"volume": path, "pair": str(pair_paths(Path(path))[1])}
     return {"volume": path}
+
+
+def applied_files(folder, suffix):
+    """Input function maker (apply mode): <folder>/<scan><suffix> of every discovered scan."""
+    return lambda wildcards: [
+        out(f"{folder}/{scan}{suffix}") for scan in discovered_scans()
+    ]
 
 
 def brain_files(wildcards):

@@ -1,6 +1,8 @@
 """Snakemake adapter for rule `apply_scan`: one preprocessed scan through the trained models -> codes, native-space
 reconstruction and anomaly map, per-scan record and report figure."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 
@@ -11,7 +13,8 @@ from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     params, inputs, scan = snakemake.params, snakemake.input, snakemake.wildcards.scan
-    model = load_slice_model(params.model, params.device, batch_size=params.batch_size)
+    # The bundle folder is the one holding its bundle.json (the first bundle input).
+    model = load_slice_model(Path(inputs.bundle[0]).parent, params.device, batch_size=params.batch_size)
     brain, mask = nib.load(inputs.brain), nib.load(inputs.mask)
     native = load_volume(inputs.volume, params.orientation or None)
     prepared = prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, brain.affine, native,
