@@ -18,17 +18,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.preprocess import git_state, machine_info, summary, timed
+from benchmarks.preprocess import recorded_run, summary, timed
 
 STAGES = ("preprocess", "encode", "decode", "anomaly_scores", "to_native_grid")
 
@@ -111,29 +106,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, log) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and write its JSON; return the results."""
     args = parse_args(argv)
-
-    def log(message: str) -> None:
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-    started, started_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="brainvq-bench-apply-") as tmp:
-        results = run_benchmark(args, Path(tmp), log)
-    results = {
-        "benchmark": "apply",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.apply", *(argv or sys.argv[1:])]),
-        "git": git_state(),
-        "machine": machine_info(),
-        "load_average_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
-        "started_utc": started_utc,
-        "total_wall_s": round(time.perf_counter() - started, 1),
-        **results,
-    }
-    from brainvq.files import write_text_atomic
-
-    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
-    log(f"wrote {args.out} in {results['total_wall_s']} s")
-    return results
+    return recorded_run("apply", argv, args.out, lambda workdir, log: run_benchmark(args, workdir, log))
 
 
 if __name__ == "__main__":

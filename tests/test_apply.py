@@ -113,12 +113,12 @@ def test_metrics_name_both_sources_and_set_the_applied_scans_next_to_the_trained
 @pytest.mark.slow
 def test_the_report_states_both_sources_and_opens_with_every_image_and_link_working(applied, tmp_path):
     report = applied / "report" / "index.html"
-    page = report.read_text()
+    page = report.read_text(encoding="utf-8")
     assert "Trained on <strong>demo</strong>, applied to <strong>local</strong>" in page
     assert "yes: the model never saw data from this source" in page
     binary = chromium()
     checked = report.with_name("checked.html")
-    checked.write_text(page.replace("</body>", PAGE_CHECK + "</body>"))
+    checked.write_text(page.replace("</body>", PAGE_CHECK + "</body>"), encoding="utf-8")
     dumped = run_chromium(binary, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
     checked.unlink()
     if dumped.returncode != 0:

@@ -1,6 +1,6 @@
 """Real-layout raw data made in the tests: DICOM series written from NIfTI volumes, BIDS and ADNI folders.
 
-Used by tests/test_dicom.py, test_sources.py, test_apply.py and benchmarks/apply.py.
+Used by tests/test_dicom.py, test_sources.py, test_inference.py and test_apply.py.
 """
 
 from __future__ import annotations
