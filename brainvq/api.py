@@ -30,9 +30,8 @@ def as_image(volume, orientation: str | None = None) -> nib.Nifti1Image:
     """Return ``volume`` (a path or a nibabel image) as a validated float32 image (see ``brainvq.io.load_volume``)."""
     if isinstance(volume, (str, Path)):
         return load_volume(volume, orientation)
-    data = checked_voxels(read_voxels(volume, Path(volume.get_filename() or "<nibabel image>")),
-                          Path(volume.get_filename() or "<nibabel image>"))
-    return float32_image(data, volume.affine)
+    name = Path(volume.get_filename() or "<nibabel image>")
+    return float32_image(checked_voxels(read_voxels(volume, name), name), volume.affine)
 
 
 def prepare_volume(volume, settings: dict, orientation: str | None = None) -> PreparedScan:

@@ -80,7 +80,6 @@ def prepared_scan(brain: np.ndarray, mask: np.ndarray, ras_affine: np.ndarray, n
         native_affine=np.asarray(native.affine, float), excluded_reason=cut["excluded_reason"])
 
 
-
 class SliceModel:
     """A trained VQ-VAE and prior with the preprocessing they were trained with, working on prepared scans.
 
@@ -150,8 +149,6 @@ class SliceModel:
         codes = sample_codes(self.prior, plan, labels, temperature=temperature, seed=seed,
                              batch_size=self.batch_size, device=self.device)
         return self.decode(codes.numpy())
-
-
 
 
 def load_slice_model(path: str | Path, device: str = "cpu", strict_versions: bool = False, batch_size: int = 64,
