@@ -34,13 +34,13 @@ from brainvq.prior import (
     bits_per_code,
     code_maps,
     load_prior,
-    sample_codes,
     train_prior,
     training_maps,
     uniform_bits,
     unigram_bits,
 )
 from brainvq.runtime import select_device
+from brainvq.sampling import sample_codes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,8 +167,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        train_prior(train, val, config, codebook_size, classes, tmp / "model.pt", tmp / "history.csv",
-                    tmp / "last.pt", progress=sys.stderr.isatty())
+        train_prior(train, val, config, codebook_size, classes, tmp, progress=sys.stderr.isatty())
         train_seconds = time.perf_counter() - start
         history = pd.read_csv(tmp / "history.csv")
         prior = load_prior(tmp / "model.pt", "cuda" if torch.cuda.is_available() else "cpu")

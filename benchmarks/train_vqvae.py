@@ -171,9 +171,9 @@ def train_and_evaluate(name: str, args, shards: dict, queue) -> None:
     from torch.utils.data import DataLoader
 
     from brainvq.data import ShardDataset
+    from brainvq.engine import StepBatchSampler
     from brainvq.measures.similarity import brain_masked_ssim, mse_and_psnr_db, ssim
     from brainvq.runtime import autocast_context, select_device
-    from brainvq.training import StepBatchSampler
 
     torch.set_num_threads(args.threads)
     device = select_device(args.device)

@@ -66,7 +66,7 @@ def model_description(vqvae_path: str | Path) -> dict:
 
     from brainvq.training import load_vqvae
 
-    model = load_vqvae(vqvae_path)
+    model = load_vqvae(vqvae_path).eval()
     with torch.no_grad():
         code_map = model.encode_indices(torch.zeros(1, 1, *model.image_size))
     return {"image_size": list(model.image_size), "code_map_size": list(code_map.shape[1:]),
@@ -110,22 +110,26 @@ def untrained_bundle(out_dir: str | Path, config: dict, run: str = "untrained", 
 
     import torch
 
+    from brainvq.engine import MODEL_FILE_FORMAT
     from brainvq.models import build_vqvae
     from brainvq.preprocessing import pixel_mm
-    from brainvq.prior import build_prior, model_file_state, model_kwargs
-    from brainvq.training import MODEL_FILE_FORMAT
+    from brainvq.prior import build_prior, model_kwargs
 
     torch.manual_seed(seed)
     size = config["preprocess"]["size"]
     with tempfile.TemporaryDirectory() as tmp:
         vqvae_path, prior_path = Path(tmp) / "vqvae.pt", Path(tmp) / "prior.pt"
+        # The model files brainvq.engine.train writes, at step 0.
         vqvae = build_vqvae(config["vqvae"])
-        torch.save({"format": MODEL_FILE_FORMAT, "config": config["vqvae"], "model": vqvae.state_dict(), "step": 0,
-                    "image_size": [size, size]}, vqvae_path)
+        torch.save({"format": MODEL_FILE_FORMAT, "section": "vqvae", "config": config["vqvae"],
+                    "model": vqvae.state_dict(), "step": 0, "image_size": [size, size]}, vqvae_path)
         described = model_description(vqvae_path)
         kwargs = model_kwargs(config["pixelcnn"], described["codebook_size"], described["code_map_size"], 0)
         prior = build_prior(kwargs, config=config["pixelcnn"])
-        torch.save(model_file_state(prior, kwargs, map_size=described["code_map_size"]), prior_path)
+        torch.save({"format": MODEL_FILE_FORMAT, "section": "pixelcnn", "config": config["pixelcnn"],
+                    "model": prior.state_dict(), "step": 0, "model_kwargs": kwargs,
+                    "codebook_size": described["codebook_size"], "label_classes": [], "condition_label": None,
+                    "map_size": described["code_map_size"]}, prior_path)
         description = {
             "run": run, "source": config["dataset"]["source"], "attribution_html": "", "untrained": True,
             "preprocess": config["preprocess"], "pixel_mm": pixel_mm(config["preprocess"]), **described,

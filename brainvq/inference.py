@@ -24,8 +24,9 @@ from brainvq.bundle import MODEL_FILES, read_bundle, trained_preprocess
 from brainvq.measures.anomaly import anomaly_score_maps
 from brainvq.measures.similarity import reconstruction_metric_table
 from brainvq.preprocessing import float32_image, intensity_window, resample_to_grid, scan_slices, slices_to_volume
-from brainvq.prior import load_prior, sample_codes
+from brainvq.prior import load_prior
 from brainvq.runtime import select_device
+from brainvq.sampling import sample_codes
 from brainvq.training import load_vqvae
 
 
@@ -167,6 +168,6 @@ def load_slice_model(path: str | Path, device: str = "cpu", strict_versions: boo
     """
     folder, manifest = read_bundle(path, strict_versions)
     torch_device = select_device(device)
-    vqvae = load_vqvae(folder / MODEL_FILES["vqvae"], torch_device)
-    prior = load_prior(folder / MODEL_FILES["prior"], torch_device)
+    vqvae = load_vqvae(folder / MODEL_FILES["vqvae"]).to(torch_device).eval()
+    prior = load_prior(folder / MODEL_FILES["prior"], torch_device).eval()
     return model_class(folder, manifest, vqvae, prior, torch_device, batch_size)

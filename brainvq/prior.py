@@ -1,8 +1,11 @@
-"""The learned prior over VQ-VAE code maps: data loading, training, likelihood, sampling and baselines.
+"""The learned prior over VQ-VAE code maps (rule train_pixelcnn): the code-map data, the PixelCNN's training
+task, its likelihood and the baselines.
 
-Public API (used by the evaluation stage): :func:`load_prior`, :func:`sample_codes`, :func:`bits_per_code`,
-:func:`uniform_bits`, :func:`unigram_bits`. The workflow's ``train_pixelcnn`` rule calls :func:`train_prior`
-on the maps from :func:`training_maps`.
+Public API (used by the evaluation stage): :func:`load_prior`, :func:`bits_per_code`, :func:`uniform_bits`,
+:func:`unigram_bits`, :func:`scan_labels`, :func:`read_code_index`, :func:`load_code_rows`, :func:`code_maps`.
+The ``train_pixelcnn`` rule calls :func:`train_prior` on the maps from :func:`training_maps`, which hands a
+:class:`PriorTask` to the one training loop (:func:`brainvq.engine.train`). Sampling is in
+:mod:`brainvq.sampling`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,26 +21,18 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from brainvq import engine
+from brainvq.config import validated_config
 from brainvq.data import read_split
-from brainvq.files import atomic_path, save_figure_atomic
+from brainvq.engine import StepBatchSampler, device_batches, load_model_file
 from brainvq.models.pixelcnn import GatedPixelCNN
-from brainvq.runtime import (
-    HistoryWriter,
-    autocast_context,
-    load_checkpoint,
-    save_checkpoint_atomic,
-    seed_everything,
-    select_device,
-)
+from brainvq.quantize import INDEX_COLUMNS
+from brainvq.runtime import autocast_context
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["subject", "scan", "split", "slice_index", "slice_position", "file", "row"]
 HISTORY_FIELDS = ["step", "train_nll_bits", "val_nll_bits", "codes_per_s", "slices_per_s", "lr"]
-# Keys that change how a run is carried out, not what it computes: a checkpoint stays resumable across them.
-OPERATIONAL_KEYS = ("device", "compile", "checkpoint_every")
 MISSING_LABEL = "n/a"
 
 
@@ -237,25 +231,12 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> GatedPix
     The model carries ``label_classes`` (list of str), ``condition_label`` and ``config`` attributes.
 
     Raises:
-        brainvq.runtime.CheckpointError: when the file cannot be read.
+        brainvq.engine.CheckpointError: when the file cannot be read or is not a prior's model file.
     """
-    state = load_checkpoint(path)
+    state = load_model_file(path, "pixelcnn", "train_pixelcnn")
     model = build_prior(state["model_kwargs"], state["label_classes"], state["condition_label"], state["config"])
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(state["model"])
     return model.to(device).eval()
-
-
-def model_file_state(model: GatedPixelCNN, kwargs: dict, **extra) -> dict:
-    """Return the plain dict saved as prior/model.pt (tensors and Python values only)."""
-    return {
-        "config": model.config,
-        "model_kwargs": kwargs,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "codebook_size": model.codebook_size,
-        "label_classes": model.label_classes,
-        "condition_label": model.condition_label,
-        **extra,
-    }
 
 
 # ------------------------------------------------------------------------------------------ likelihood
@@ -317,15 +298,15 @@ def mean_bits(model: GatedPixelCNN, codes: torch.Tensor, positions: torch.Tensor
     was_training = model.training
     model.eval()
     device = model_device(model)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one read at the end
     for start in range(0, len(codes), batch_size):
         part = slice(start, start + batch_size)
         total += batch_nll_sum(
             model, codes[part].to(device), positions[part].to(device),
             None if labels is None else labels[part].to(device), amp,
-        ).item()
+        ).double()
     model.train(was_training)
-    return total / codes.numel() / math.log(2)
+    return float(total) / codes.numel() / math.log(2)
 
 
 def uniform_bits(codebook_size: int) -> float:
@@ -343,86 +324,7 @@ def unigram_bits(train_codes, test_codes, codebook_size: int) -> float:
     return float(-log_p[test].mean())
 
 
-# -------------------------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample_codes(prior: GatedPixelCNN, positions: Sequence[float], labels: Sequence[str] | None = None,
-                 temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 device: str | torch.device | None = None) -> torch.Tensor:
-    """Return code maps (N, h, w) long on the CPU, drawn in raster order from the prior at slice ``positions``
-    (N,) and ``labels`` (N strings, for a label-conditioned prior), logits divided by ``temperature``.
-
-    Maps are drawn ``batch_size`` at a time with one ``torch.Generator`` seeded with ``seed``: the same seed,
-    batch size and device give the same maps. The prior is moved to ``device`` (default: where it is).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if prior.map_size is None:
-        raise ValueError("this prior has no fixed map size (location_bias off); it cannot choose one to sample")
-    device = torch.device(device) if device is not None else model_device(prior)
-    prior = prior.to(device).eval()
-    positions = torch.as_tensor(np.asarray(positions, np.float32))
-    label_idx = label_indices(prior, labels, len(positions))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    h, w = prior.map_size
-    out = torch.zeros(len(positions), h, w, dtype=torch.long)
-    for start in range(0, len(positions), batch_size):
-        part = slice(start, start + batch_size)
-        cond_labels = None if label_idx is None else label_idx[part].to(device)
-        out[part] = sample_batch(prior, positions[part].to(device), cond_labels, temperature, generator).cpu()
-    return out
-
-
-def sample_batch(prior: GatedPixelCNN, positions: torch.Tensor, labels: torch.Tensor | None,
-                 temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Return one batch of maps (B, h, w) drawn position by position from :meth:`GatedPixelCNN.raster_logits`."""
-    device = positions.device
-    codes = torch.zeros(len(positions), *prior.map_size, dtype=torch.long, device=device)
-    with autocast_context(device):
-        cond = prior.condition(positions, labels)
-        for i, j, logits in prior.raster_logits(codes, cond):
-            probs = torch.softmax(logits.float() / temperature, dim=1)
-            codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return codes
-
-
-# -------------------------------------------------------------------------------------------- training
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, final_fraction: float):
-    """Return a LambdaLR factor: linear warm-up to 1, then cosine decay to ``final_fraction``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Return the indices of training step ``step`` (1-based): epochs are seeded permutations, so the batch
-    depends on (seed, step) alone and a resumed run sees the same batches as an uninterrupted one."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step - 1, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    if n < batch_size:
-        return order
-    return order[k * batch_size : (k + 1) * batch_size]
-
-
-def training_identity(config: dict, train: CodeMaps, val: CodeMaps, codebook_size: int,
-                      label_classes: Sequence[str]) -> dict:
-    """Return what a resumable checkpoint must match: the config (less operational keys), the codebook size,
-    the label classes and a fingerprint of the training and validation maps."""
-    return {
-        "pixelcnn": {k: v for k, v in config.items() if k not in OPERATIONAL_KEYS},
-        "codebook_size": int(codebook_size),
-        "label_classes": list(label_classes),
-        "data": data_fingerprint(train, val),
-    }
+# ---------------------------------------------------------------------------------------------- training
 
 
 def check_code_range(codebook_size: int, **sets: CodeMaps) -> None:
@@ -443,113 +345,6 @@ def start_from_unigram(model: GatedPixelCNN, train_codes: np.ndarray) -> None:
     last.bias.copy_(torch.as_tensor(np.log(counts / counts.sum()), dtype=last.bias.dtype))
 
 
-def optimizer_and_schedule(model: torch.nn.Module, config: dict):
-    """Return (AdamW, LambdaLR with warm-up and cosine decay) for a ``pixelcnn`` config section."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config["warmup_steps"], config["steps"], config["final_lr_fraction"]))
-    return optimizer, scheduler
-
-
-def resume_from(checkpoint_path: Path, identity: dict, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    """Load a resumable checkpoint into model/optimizer/scheduler when one exists; return (step, history rows)."""
-    if not checkpoint_path.exists():
-        return 0, []
-    state = load_checkpoint(checkpoint_path, expected_config=identity)
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    log.info("resumed from %s at step %d", checkpoint_path, state["step"])
-    return state["step"], state["history"]
-
-
-def training_step(forward, model, optimizer, scheduler, batch, config: dict) -> float:
-    """Take one optimizer step on ``batch`` (codes, positions, labels); return its NLL in bits per code."""
-    codes, positions, labels = batch
-    with autocast_context(codes.device, config["amp"]):
-        logits = forward(codes, positions, labels)
-    loss = F.cross_entropy(logits.float(), codes)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config["grad_clip"] is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-    optimizer.step()
-    scheduler.step()
-    return loss.item() / math.log(2)
-
-
-def train_prior(train: CodeMaps, val: CodeMaps, config: dict, codebook_size: int, label_classes: Sequence[str],
-                model_path: str | Path, history_path: str | Path, checkpoint_path: str | Path,
-                stop_at_step: int | None = None, progress: bool = True) -> dict:
-    """Train the prior on ``train``, validate on ``val``, write the model and history; return a summary dict.
-
-    ``config`` is the validated ``pixelcnn`` section. A checkpoint at ``checkpoint_path`` (written every
-    ``checkpoint_every`` steps and at the end, with the history so far) is resumed when present; one from the
-    last step just rewrites the model. ``stop_at_step`` stops early after checkpointing (time-boxed jobs);
-    no model is written then.
-
-    Raises:
-        brainvq.runtime.CheckpointError: when the checkpoint was written for another config or other data.
-        CodesError: when a code value is outside ``[0, codebook_size)``.
-    """
-    check_code_range(codebook_size, train=train, validation=val)
-    device = select_device(config["device"])
-    seed_everything(config["seed"])
-    kwargs = model_kwargs(config, codebook_size, train.map_size, len(label_classes))
-    model = build_prior(kwargs, label_classes, config["condition_label"], config).to(device)
-    start_from_unigram(model, train.codes)
-    optimizer, scheduler = optimizer_and_schedule(model, config)
-    identity = training_identity(config, train, val, codebook_size, label_classes)
-    checkpoint_path = Path(checkpoint_path)
-    start, rows = resume_from(checkpoint_path, identity, model, optimizer, scheduler)
-    history = HistoryWriter(history_path, HISTORY_FIELDS)
-    for row in rows:
-        history.write(row)
-
-    tensors, val_tensors = maps_on_device(train, device), maps_on_device(val, device)
-    forward = torch.compile(model) if config["compile"] and device.type == "cuda" else model
-    steps = config["steps"]
-    last = min(stop_at_step, steps) if stop_at_step is not None else steps
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="pixelcnn", mininterval=5)
-    bits, clock = [], time.perf_counter()
-    model.train()
-    for step in range(start + 1, last + 1):
-        idx = batch_indices(len(train), config["batch_size"], step, config["seed"]).to(device)
-        bits.append(training_step(forward, model, optimizer, scheduler,
-                                  [None if t is None else t[idx] for t in tensors], config))
-        bar.update(1)
-        if step % config["log_every"] == 0 or step == steps:
-            validate = len(val) > 0 and (step % config["val_every"] == 0 or step == steps)
-            val_bits = mean_bits(model, *val_tensors, config["eval_batch_size"], config["amp"]) if validate else ""
-            elapsed = time.perf_counter() - clock
-            row = history_row(step, bits, val_bits, len(bits) * len(idx) / elapsed, math.prod(train.map_size),
-                              scheduler.get_last_lr()[0])
-            rows.append(row)
-            history.write(row)
-            bar.set_postfix(train=f"{row['train_nll_bits']:.3f}", val=_fmt(val_bits))
-            bits, clock = [], time.perf_counter()
-        if step % config["checkpoint_every"] == 0 or step == last:
-            save_checkpoint_atomic({
-                "config": identity, "step": step, "history": rows, "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            }, checkpoint_path)
-    bar.close()
-    if last < steps:
-        return {"step": last, "finished": False}
-    summary = {"step": steps, "finished": True, "train_nll_bits": rows[-1]["train_nll_bits"],
-               "val_nll_bits": rows[-1]["val_nll_bits"] if len(val) else None}
-    save_checkpoint_atomic(model_file_state(model, kwargs, map_size=list(train.map_size), **summary), model_path)
-    return summary
-
-
-def history_row(step: int, bits: list[float], val_bits, slices_per_s: float, codes_per_map: int, lr: float) -> dict:
-    """Return one history.csv row (training NLL averaged over the steps since the last row)."""
-    log.info("step %d: train %.4f bits/code, val %s bits/code, %.1f slices/s", step, sum(bits) / len(bits),
-             _fmt(val_bits), slices_per_s)
-    return {"step": step, "train_nll_bits": sum(bits) / len(bits), "val_nll_bits": val_bits,
-            "slices_per_s": slices_per_s, "codes_per_s": slices_per_s * codes_per_map, "lr": lr}
-
-
 def maps_on_device(maps: CodeMaps, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Return (codes long, positions float, labels long or None) of ``maps`` as tensors on ``device``."""
     return (
@@ -559,95 +354,91 @@ def maps_on_device(maps: CodeMaps, device: torch.device) -> tuple[torch.Tensor, 
     )
 
 
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "-"
+class PriorTask:
+    """The PixelCNN prior for :func:`brainvq.engine.train`: the ``train`` maps (validated on ``val``) with the
+    ``pixelcnn`` config section ``settings``, over ``codebook_size`` codes and ``label_classes``. The maps live
+    on the device; each step indexes its batch there."""
+
+    section = "pixelcnn"
+    history_fields = HISTORY_FIELDS
+
+    def __init__(self, settings: dict, train: CodeMaps, val: CodeMaps, codebook_size: int,
+                 label_classes: Sequence[str]):
+        self.settings, self.train, self.val = settings, train, val
+        self.codebook_size, self.label_classes = int(codebook_size), list(label_classes)
+        self.kwargs = model_kwargs(settings, codebook_size, train.map_size, len(label_classes))
+        self._val_tensors = None
+
+    def fingerprint(self) -> dict:
+        return {"codebook_size": self.codebook_size, "label_classes": self.label_classes,
+                "maps": data_fingerprint(self.train, self.val)}
+
+    def train_size(self) -> int:
+        return len(self.train)
+
+    def build_model(self, device: torch.device) -> GatedPixelCNN:
+        model = build_prior(self.kwargs, self.label_classes, self.settings["condition_label"], self.settings)
+        model = model.to(device)
+        start_from_unigram(model, self.train.codes)
+        return model
+
+    def batches(self, sampler: StepBatchSampler, device: torch.device):
+        return device_batches(maps_on_device(self.train, device), sampler, device)
+
+    def forward(self, module: torch.nn.Module, batch) -> torch.Tensor:
+        return module(*batch)
+
+    def loss_terms(self, logits: torch.Tensor, batch, step: int) -> tuple[dict, dict]:
+        return {"nll": F.cross_entropy(logits.float(), batch[0])}, {}
+
+    def history_values(self, totals: dict, steps: int, slices_per_s: float) -> dict:
+        return {"train_nll_bits": float(totals["loss"]) / steps / math.log(2),
+                "codes_per_s": slices_per_s * math.prod(self.train.map_size)}
+
+    def validate(self, model: GatedPixelCNN, device: torch.device) -> dict:
+        if len(self.val) == 0:
+            return {}
+        if self._val_tensors is None:
+            self._val_tensors = maps_on_device(self.val, device)
+        return {"val_nll_bits": mean_bits(model, *self._val_tensors, self.settings["eval_batch_size"],
+                                          self.settings["amp"])}
+
+    def summary(self, last_row: dict) -> dict:
+        """The final training and validation NLL (bits per code) from the last history row."""
+        return {"train_nll_bits": last_row.get("train_nll_bits"),
+                "val_nll_bits": last_row.get("val_nll_bits") if len(self.val) else None}
+
+    def model_file(self, model: GatedPixelCNN, last_row: dict) -> dict:
+        return {"model_kwargs": self.kwargs, "codebook_size": self.codebook_size,
+                "label_classes": self.label_classes, "condition_label": self.settings["condition_label"],
+                "map_size": list(self.train.map_size), **self.summary(last_row)}
+
+    def memory_hint(self) -> str:
+        s = self.settings
+        return (f"lower pixelcnn.batch_size (now {s['batch_size']}), pixelcnn.eval_batch_size (now "
+                f"{s['eval_batch_size']}), pixelcnn.channels (now {s['channels']}) or pixelcnn.layers (now {s['layers']})")
 
 
-# ---------------------------------------------------------------------------------------- sample files
+def train_prior(train: CodeMaps, val: CodeMaps, config: dict, codebook_size: int, label_classes: Sequence[str],
+                out_dir: str | Path, stale: str = "refuse", stop_at_step: int | None = None,
+                progress: bool = True) -> dict:
+    """Train the prior on ``train``, validate on ``val``; write ``out_dir/model.pt`` and ``out_dir/history.csv``;
+    return a summary dict (``step``, ``finished``, ``train_nll_bits``, ``val_nll_bits``).
 
-
-def sample_plan(n: int, positions: Sequence[float], labels: Sequence[str] | None = None
-                ) -> tuple[np.ndarray, list[str] | None]:
-    """Return (positions (n,), labels (n,) or None): ``n`` maps spread evenly over every (position, label)
-    pair, grouped by pair in the order given (the first ``n % pairs`` pairs get one map more)."""
-    pairs = [(p, label) for p in positions for label in (labels if labels else [None])]
-    counts = [n // len(pairs) + (k < n % len(pairs)) for k in range(len(pairs))]
-    plan = [pair for pair, count in zip(pairs, counts) for _ in range(count)]
-    plan_positions = np.array([p for p, _ in plan], np.float32)
-    return plan_positions, ([label for _, label in plan] if labels else None)
-
-
-def sample_labels(prior: GatedPixelCNN, requested: Sequence[str] | None) -> list[str] | None:
-    """Return the label classes to sample: ``requested`` (``sample.labels``), else all the prior's classes;
-    None for a prior without label conditioning.
+    ``config`` is the ``pixelcnn`` section. ``out_dir/checkpoints/last.pt`` (written every ``checkpoint_every``
+    steps and at the end) is resumed when present; one from the last step just rewrites the model.
+    ``stop_at_step`` stops early after checkpointing (time-boxed jobs); no model is written then. ``stale``: what
+    to do with a checkpoint of other settings or data, ``"refuse"`` or ``"archive"`` (see
+    :func:`brainvq.engine.resumable_checkpoint`). Under torchrun or srun the processes share each batch (DDP).
 
     Raises:
-        LabelConfigError: when labels are requested from a prior trained without ``pixelcnn.condition_label``,
-            or name classes the prior does not know.
+        brainvq.engine.CheckpointError: when the checkpoint was written for another config or other data.
+        CodesError: when a code value is outside ``[0, codebook_size)``.
     """
-    classes = list(getattr(prior, "label_classes", []))
-    if requested is None:
-        return classes or None
-    if not classes:
-        raise LabelConfigError(f"sample.labels is {list(requested)} but the prior was trained without "
-                               "pixelcnn.condition_label; set sample.labels to null")
-    unknown = sorted(set(requested) - set(classes))
-    if unknown:
-        raise LabelConfigError(f"sample.labels {unknown} are not among the prior's classes {classes}")
-    return list(requested)
-
-
-@torch.no_grad()
-def decode_codes(vqvae: torch.nn.Module, codes: torch.Tensor, batch_size: int,
-                 device: torch.device) -> np.ndarray:
-    """Return images (N, H, W) float32 clipped to [0, 1], decoded from code maps (N, h, w) by
-    ``vqvae.decode_indices`` (the VQ-VAE contract in docs/architecture.md)."""
-    images = []
-    for start in range(0, len(codes), batch_size):
-        with autocast_context(device):
-            decoded = vqvae.decode_indices(codes[start : start + batch_size].to(device))
-        images.append(decoded.float().clamp(0, 1)[:, 0].cpu().numpy())
-    return np.concatenate(images).astype(np.float32)
-
-
-def write_samples(path: str | Path, codes, images: np.ndarray, positions, labels: Sequence[str] | None,
-                  attrs: dict | None = None) -> Path:
-    """Write samples.h5 (``codes`` (N,h,w) int16, ``images`` (N,H,W) float32 in [0, 1], ``slice_position`` (N,)
-    float32, ``label`` (N,) strings, empty without labels) under a temporary name, then rename."""
-    import h5py
-
-    n = len(images)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("codes", data=np.asarray(codes).astype(np.int16))
-        f.create_dataset("images", data=np.clip(images, 0, 1).astype(np.float32), chunks=(1, *images.shape[1:]),
-                         compression="gzip")
-        f.create_dataset("slice_position", data=np.asarray(positions, np.float32))
-        f.create_dataset("label", data=np.array(list(labels) if labels else [""] * n, dtype=object),
-                         dtype=h5py.string_dtype())
-        f.attrs.update(attrs or {})
-    return Path(path)
-
-
-def save_sample_grid(path: str | Path, images: np.ndarray, positions, labels: Sequence[str] | None,
-                     columns: int) -> Path:
-    """Save a PNG grid of sampled images: one row per (position, label), at most ``columns`` images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [(float(p), labels[k] if labels else "") for k, p in enumerate(positions)]
-    groups = list(dict.fromkeys(keys))
-    fig, axes = plt.subplots(len(groups), columns, figsize=(1.6 * columns, 1.7 * len(groups)), squeeze=False)
-    for row, group in enumerate(groups):
-        members = [k for k, key in enumerate(keys) if key == group][:columns]
-        for col in range(columns):
-            ax = axes[row, col]
-            ax.axis("off")
-            if col < len(members):
-                ax.imshow(images[members[col]], cmap="gray", vmin=0, vmax=1)
-        axes[row, 0].set_title(f"position {group[0]:.2f} {group[1]}".strip(), fontsize=8, loc="left")
-    fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    check_code_range(codebook_size, train=train, validation=val)
+    task = PriorTask(validated_config({"pixelcnn": dict(config)})["pixelcnn"], train, val, codebook_size,
+                     label_classes)
+    result = engine.train(task, out_dir, stale, stop_at_step, progress)
+    if not result["finished"]:
+        return {"step": result["step"], "finished": False}
+    return {"step": result["step"], "finished": True, **task.summary(result["history"])}

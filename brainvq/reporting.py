@@ -301,7 +301,7 @@ def training_curves_figure(histories: dict[str, pd.DataFrame]) -> Figure:
                 twin.set_ylabel("PSNR (dB, validation)")
                 twin.grid(False)
                 twin.legend(loc="lower right")
-            ax.set_xlabel("optimizer step")
+            ax.set_xlabel("training step")
             ax.set_ylabel(ylabel)
             ax.legend(loc="best")
     return fig

@@ -20,6 +20,5 @@ rule train_pixelcnn:
         gpu=1,
     params:
         pixelcnn=config["pixelcnn"],
-        checkpoint=out("prior/checkpoints/last.pt"),
     script:
         "../workflow_scripts/train_pixelcnn.py"

@@ -1,45 +1,32 @@
-"""The prior learns a known source, samples reproducibly, resumes exactly, and reads the quantize/split outputs."""
+"""The prior learns a known source, resumes exactly through the engine, and reads the quantize/split outputs."""
 
 from __future__ import annotations
 
 import math
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from brainvq.config import load_config
+from brainvq.engine import CheckpointError, load_checkpoint
 from brainvq.prior import (
-    CodeMaps,
     CodesError,
     LabelConfigError,
+    PriorTask,
     bits_per_code,
     code_maps,
     load_prior,
-    sample_codes,
-    sample_labels,
-    sample_plan,
-    save_sample_grid,
     train_prior,
     training_maps,
     uniform_bits,
     unigram_bits,
-    write_samples,
 )
-from brainvq.runtime import CheckpointError
+from conftest import as_maps, killed_at_step
+from conftest import tiny_pixelcnn_config as tiny_config
+from conftest import train_tiny_prior as train_tiny
 
 torch.set_num_threads(1)
-
-
-def tiny_config(**overrides) -> dict:
-    """The schema's pixelcnn defaults, shrunk to a model that trains in seconds on one CPU thread."""
-    config = load_config()["pixelcnn"]
-    config.update(channels=16, layers=2, head_channels=32, cond_channels=4, batch_size=16, lr=0.01,
-                  warmup_steps=5, steps=20, log_every=5, val_every=10, checkpoint_every=5, device="cpu")
-    config.update(overrides)
-    return config
 
 
 def markov_source(codebook_size: int, stay: float) -> np.ndarray:
@@ -66,18 +53,6 @@ def markov_entropy_bits(matrix: np.ndarray, size: int) -> float:
     """Exact entropy per code of ``markov_maps``: log2 K for the first column, the row entropy after."""
     row_entropy = -(matrix[0] * np.log2(matrix[0])).sum()
     return (math.log2(len(matrix)) + (size - 1) * row_entropy) / size
-
-
-def as_maps(codes: np.ndarray, positions=None, labels=None) -> CodeMaps:
-    positions = np.full(len(codes), 0.5, np.float32) if positions is None else np.asarray(positions, np.float32)
-    return CodeMaps(codes, positions, labels, np.array(["synthetic"] * len(codes), object))
-
-
-def train_tiny(tmp_path, train: CodeMaps, val: CodeMaps, codebook_size: int, classes=(), name="run", **overrides):
-    config = tiny_config(**overrides)
-    paths = [tmp_path / name / f for f in ("model.pt", "history.csv", "checkpoints/last.pt")]
-    summary = train_prior(train, val, config, codebook_size, list(classes), *paths, progress=False)
-    return summary, paths
 
 
 # --------------------------------------------------------------------------------------- likelihood
@@ -125,11 +100,11 @@ def test_a_rerun_after_completion_rewrites_the_model_from_the_final_checkpoint_w
     codes = np.random.default_rng(0).integers(0, 8, (40, 6, 6))
     _, (model_path, _, checkpoint_path) = train_tiny(tmp_path, as_maps(codes), as_maps(codes[:4]), 8)
     state = torch.load(checkpoint_path, weights_only=True)
-    state["state_dict"]["embedding.weight"].fill_(0.125)  # a mark that training would not reproduce
+    state["model"]["embedding.weight"].fill_(0.125)  # a mark that training would not reproduce
     torch.save(state, checkpoint_path)
     model_path.unlink()
     train_tiny(tmp_path, as_maps(codes), as_maps(codes[:4]), 8)
-    rewritten = torch.load(model_path, weights_only=True)["state_dict"]["embedding.weight"]
+    rewritten = torch.load(model_path, weights_only=True)["model"]["embedding.weight"]
     assert torch.all(rewritten == 0.125)
 
 
@@ -138,94 +113,51 @@ def test_interrupted_training_resumes_to_the_same_weights_as_an_uninterrupted_ru
     train, val = as_maps(codes), as_maps(codes[:4])
     _, (straight, straight_history, _) = train_tiny(tmp_path, train, val, 8, name="straight")
     paths = [tmp_path / "resumed" / f for f in ("model.pt", "history.csv", "checkpoints/last.pt")]
-    stopped = train_prior(train, val, tiny_config(), 8, [], *paths, stop_at_step=10, progress=False)
+    stopped = train_prior(train, val, tiny_config(), 8, [], paths[0].parent, stop_at_step=10, progress=False)
     assert not stopped["finished"] and not paths[0].exists() and paths[2].exists()
     paths[1].unlink()  # Snakemake deletes the outputs of a failed job; the history must come back from the checkpoint
-    train_prior(train, val, tiny_config(), 8, [], *paths, progress=False)
+    train_prior(train, val, tiny_config(), 8, [], paths[0].parent, progress=False)
     a, b = torch.load(straight, weights_only=True), torch.load(paths[0], weights_only=True)
-    for key in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
     pd.testing.assert_frame_equal(
         pd.read_csv(straight_history).drop(columns=["codes_per_s", "slices_per_s"]),
         pd.read_csv(paths[1]).drop(columns=["codes_per_s", "slices_per_s"]),
     )
 
 
+def test_killed_training_resumes_to_the_same_weights_and_history_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    codes = np.random.default_rng(0).integers(0, 8, (40, 6, 6))
+    train, val = as_maps(codes), as_maps(codes[:4])
+    # Checkpoints every 4 steps, history rows every 5: the kill falls between a checkpoint and a row.
+    _, (straight, straight_history, _) = train_tiny(tmp_path, train, val, 8, name="straight", checkpoint_every=4)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(PriorTask, "loss_terms", killed_at_step(PriorTask, 11))
+        train_tiny(tmp_path, train, val, 8, name="killed", checkpoint_every=4)
+    killed = tmp_path / "killed"
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["step"] == 8 and not (killed / "model.pt").exists()
+    train_tiny(tmp_path, train, val, 8, name="killed", checkpoint_every=4)
+
+    a, b = (torch.load(path, weights_only=True)["model"] for path in (straight, killed / "model.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(straight_history).drop(columns=["codes_per_s", "slices_per_s"]),
+        pd.read_csv(killed / "history.csv").drop(columns=["codes_per_s", "slices_per_s"]),
+        check_exact=True,
+    )
+
+
 def test_resume_refuses_a_checkpoint_written_under_another_config(tmp_path):
     codes = np.random.default_rng(0).integers(0, 8, (40, 6, 6))
-    paths = [tmp_path / f for f in ("model.pt", "history.csv", "checkpoints/last.pt")]
-    train_prior(as_maps(codes), as_maps(codes[:4]), tiny_config(), 8, [], *paths, stop_at_step=5, progress=False)
+    train_prior(as_maps(codes), as_maps(codes[:4]), tiny_config(), 8, [], tmp_path, stop_at_step=5, progress=False)
     with pytest.raises(CheckpointError, match="pixelcnn.channels"):
-        train_prior(as_maps(codes), as_maps(codes[:4]), tiny_config(channels=8), 8, [], *paths, progress=False)
+        train_prior(as_maps(codes), as_maps(codes[:4]), tiny_config(channels=8), 8, [], tmp_path, progress=False)
 
 
 def test_training_refuses_codes_outside_the_codebook(tmp_path):
     codes = np.full((4, 6, 6), 9)
     with pytest.raises(CodesError, match="codebook"):
         train_tiny(tmp_path, as_maps(codes), as_maps(codes[:0]), 8)
-
-
-# ----------------------------------------------------------------------------------------- sampling
-
-
-@pytest.fixture(scope="module")
-def labelled_prior(tmp_path_factory):
-    """A prior trained on 6x6 maps (K=8) whose codes are 4 * label + 2 * (position > 0.5) + a fair coin."""
-    tmp = tmp_path_factory.mktemp("prior")
-    rng = np.random.default_rng(0)
-    labels, positions = np.arange(64) % 2, rng.random(64)
-    codes = 4 * labels[:, None, None] + 2 * (positions > 0.5)[:, None, None] + rng.integers(0, 2, (64, 6, 6))
-    maps = as_maps(codes, positions, labels)
-    _, (model_path, _, _) = train_tiny(tmp, maps, maps, 8, classes=["F", "M"], steps=60, condition_label="sex")
-    return load_prior(model_path)
-
-
-def test_sampling_with_a_fixed_seed_is_reproducible_and_another_seed_differs(labelled_prior):
-    positions, labels = [0.3] * 5, ["F"] * 5
-    first = sample_codes(labelled_prior, positions, labels, seed=3, batch_size=2)
-    again = sample_codes(labelled_prior, positions, labels, seed=3, batch_size=2)
-    other = sample_codes(labelled_prior, positions, labels, seed=4, batch_size=2)
-    assert first.shape == (5, 6, 6) and first.dtype == torch.long
-    assert 0 <= first.min() and first.max() < 8
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
-
-
-def test_slice_position_and_label_steer_the_samples_as_in_training(labelled_prior):
-    def share_in(maps: torch.Tensor, low: int) -> float:
-        return ((maps >= low) & (maps < low + 2)).float().mean().item()
-
-    assert share_in(sample_codes(labelled_prior, [0.1] * 4, ["F"] * 4, seed=0), 0) > 0.9
-    assert share_in(sample_codes(labelled_prior, [0.9] * 4, ["F"] * 4, seed=0), 2) > 0.9
-    assert share_in(sample_codes(labelled_prior, [0.1] * 4, ["M"] * 4, seed=0), 4) > 0.9
-
-
-def test_label_conditioned_prior_refuses_missing_or_unknown_labels(labelled_prior):
-    with pytest.raises(LabelConfigError, match="sex"):
-        sample_codes(labelled_prior, [0.5])
-    with pytest.raises(LabelConfigError, match="'X'"):
-        bits_per_code(labelled_prior, np.zeros((1, 6, 6), np.int64), [0.5], ["X"])
-
-
-def test_sample_plan_spreads_maps_evenly_over_positions_and_labels():
-    positions, labels = sample_plan(7, [0.2, 0.8], ["F", "M"])
-    assert positions.tolist() == pytest.approx([0.2, 0.2, 0.2, 0.2, 0.8, 0.8, 0.8])
-    assert labels == ["F", "F", "M", "M", "F", "F", "M"]
-    assert sample_plan(3, [0.5])[1] is None
-
-
-def test_samples_file_and_grid_follow_the_contract(tmp_path):
-    positions, labels = sample_plan(4, [0.2, 0.8])
-    images = np.linspace(-0.5, 1.5, 4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
-    write_samples(tmp_path / "samples.h5", np.zeros((4, 2, 2)), images, positions, labels)
-    save_sample_grid(tmp_path / "grid.png", np.clip(images, 0, 1), positions, labels, columns=3)
-    with h5py.File(tmp_path / "samples.h5") as f:
-        assert f["codes"].shape == (4, 2, 2) and f["codes"].dtype == np.int16
-        assert f["images"].dtype == np.float32 and 0 <= f["images"][()].min() and f["images"][()].max() <= 1
-        assert f["slice_position"][()].tolist() == pytest.approx([0.2, 0.2, 0.8, 0.8])
-        assert f["label"].asstr()[()].tolist() == [""] * 4
-    assert (tmp_path / "grid.png").stat().st_size > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "samples.h5"]
 
 
 # ------------------------------------------------------------------------------- quantize/split inputs
@@ -275,13 +207,6 @@ def test_missing_code_file_is_reported_with_the_rule_to_rerun(tmp_path):
     (codes_dir / "train" / "S0.npy").unlink()
     with pytest.raises(CodesError, match="quantize"):
         training_maps(codes_dir, split_csv, None)
-
-
-def test_sample_labels_default_to_every_class_and_refuse_unknown_ones(labelled_prior):
-    assert sample_labels(labelled_prior, None) == ["F", "M"]
-    assert sample_labels(labelled_prior, ["M"]) == ["M"]
-    with pytest.raises(LabelConfigError, match="sample.labels"):
-        sample_labels(labelled_prior, ["X"])
 
 
 def test_a_fresh_prior_starts_at_the_unigram_baseline():

@@ -2,7 +2,7 @@
 
 import torch
 
-from brainvq.training import write_codes
+from brainvq.quantize import write_codes
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)

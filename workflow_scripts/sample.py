@@ -2,16 +2,16 @@
 
 import torch
 
-from brainvq.prior import (
+from brainvq.prior import load_prior
+from brainvq.runtime import select_device
+from brainvq.sampling import (
     decode_codes,
-    load_prior,
     sample_codes,
     sample_labels,
     sample_plan,
     save_sample_grid,
     write_samples,
 )
-from brainvq.runtime import select_device
 from brainvq.training import load_vqvae
 from brainvq.workflow import logged
 
