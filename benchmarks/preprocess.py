@@ -338,24 +338,23 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, log) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark and write its JSON; return the results."""
-    args = parse_args(argv)
-
+def recorded_run(name: str, argv: list[str] | None, out: Path, run, workdir: Path | None = None) -> dict:
+    """Run ``run(workdir, log)`` (in ``workdir``, else a temporary folder) and write its results to ``out`` with the
+    benchmark's name, command, commit, machine, load and times; return them."""
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     started, started_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start = os.getloadavg()
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=False)
-        results = run_benchmark(args, args.workdir, log)
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=False)
+        results = run(workdir, log)
     else:
-        with tempfile.TemporaryDirectory(prefix="brainvq-bench-") as tmp:
-            results = run_benchmark(args, Path(tmp), log)
+        with tempfile.TemporaryDirectory(prefix=f"brainvq-bench-{name}-") as tmp:
+            results = run(Path(tmp), log)
     results = {
-        "benchmark": "preprocess",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.preprocess", *(argv or sys.argv[1:])]),
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *(argv or sys.argv[1:])]),
         "git": git_state(),
         "machine": machine_info(),
         "load_average_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
@@ -365,9 +364,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     from brainvq.files import write_text_atomic
 
-    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
-    log(f"wrote {args.out} in {results['total_wall_s']} s")
+    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+    log(f"wrote {out} in {results['total_wall_s']} s")
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and write its JSON; return the results."""
+    args = parse_args(argv)
+    return recorded_run("preprocess", argv, args.out, lambda workdir, log: run_benchmark(args, workdir, log),
+                        args.workdir)
 
 
 if __name__ == "__main__":
