@@ -108,9 +108,9 @@ def stage_timings(raw_root: Path, slices_dir: Path, config: dict, n_bet: int, lo
     configuration); BET is timed on the first ``n_bet`` volumes only.
     """
     from brainvq.config import config_hash
-    from brainvq.data import write_slices_h5
     from brainvq.io import find_scans, load_volume
     from brainvq.preprocessing import reorient_to_ras, resample_isotropic, scan_slices, skull_strip
+    from brainvq.shards import write_slices_h5
     from brainvq.sources import get_source
 
     settings = config["preprocess"]
@@ -182,7 +182,8 @@ def replicated_slice_files(slices_dir: Path, out_dir: Path, n_slices: int) -> di
 def shard_write_timing(slice_files: dict[str, Path], shards_dir: Path, config: dict) -> dict:
     """Split the scans by subject and time ``write_shards``; return seconds per volume and per 1000 slices."""
     from brainvq.config import config_hash
-    from brainvq.data import subject_split, write_shards
+    from brainvq.data import subject_split
+    from brainvq.shards import write_shards
 
     scans = pd.DataFrame({"scan": sorted(slice_files), "subject": sorted(slice_files), "session": ""})
     table = subject_split(scans, pd.DataFrame({"subject": scans["subject"], "session": ""}),
@@ -269,7 +270,7 @@ def folder_bytes(paths) -> int:
 
 def read_throughput(shards_dir: Path, png_dir: Path, batch_size: int, seed: int) -> dict:
     """Return slices/s reading all shards and the same slices from PNG files, several ways."""
-    from brainvq.data import ShardDataset, shard_paths
+    from brainvq.shards import ShardDataset, shard_paths
 
     shards = shard_paths(shards_dir, "train") + shard_paths(shards_dir, "test")
     pngs = write_png_folder(shards, png_dir)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from brainvq.data import load_shard_rows, shard_chunks, shard_index
 from brainvq.evaluation.inputs import EvaluationRun
 from brainvq.evaluation.reconstruction import model_outputs
 from brainvq.measures.distributions import frechet_distance, matched_real_indices, mean_pairwise_ms_ssim
 from brainvq.measures.memorisation import highest_ssim_to_references, memorisation_summary
 from brainvq.measures.similarity import ms_ssim_window_px
+from brainvq.shards import load_shard_rows, shard_chunks, shard_index
 
 FD_LABEL = "FD (VQ-VAE encoder features; not comparable to FID)"
 

@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from brainvq.data import load_shard_rows, read_split, shard_index, shard_paths
+from brainvq.data import read_split
 from brainvq.prior import bits_per_code, load_code_rows, read_code_index, scan_labels, uniform_bits, unigram_bits
+from brainvq.shards import load_shard_rows, shard_index, shard_paths
 
 
 class EvaluationInputError(ValueError):
