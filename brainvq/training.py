@@ -56,7 +56,8 @@ def shards_config_hash(path: Path) -> str:
 
 def slices_fingerprint(train: ShardDataset, validation: ShardDataset | None) -> dict:
     """Return what identifies the training data: image size, the training and validation slices (scan, slice
-    index), the preprocessing hash and the shards' size in bytes (compressed images: it changes with the pixels)."""
+    index), the preprocessing hash and the shards' size in bytes (their gzip masks, and gzip images, change it with
+    the content; uncompressed images do not)."""
     digest = hashlib.sha256()
     for dataset in (train, validation):
         if dataset is not None:
