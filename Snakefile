@@ -29,3 +29,7 @@ rule all:
     default_target: True
     input:
         out("report/index.html"),
+
+
+# Every rule is defined now: ask for the rebuild of stage outputs that Snakemake would leave missing.
+request_rebuilds()

@@ -1,4 +1,4 @@
-"""Benchmark brainvq's VQ-VAE against MONAI's VQVAE: same shards, same batches, same steps, similar size.
+"""Benchmark brainvq's VQ-VAE against MONAI's VQVAE: same shards, same batches, same steps.
 
 Reports per model: training slices/s, peak memory (CUDA max_memory_allocated, or the process's peak RSS
 on the CPU; each model trains in its own process), and on held-out (test) subjects the brain-masked
@@ -10,9 +10,17 @@ Usage:
     python benchmarks/train_vqvae.py --shards ... --split ... --size 256 --downsample 8 \\
         --channels 64 128 256 --codebook-size 512 --steps 2000 --batch-size 64      # GPU scale
 
-Both models get the same encoder/decoder layout (stride-2 4x4 convs, residual blocks with half-width
-3x3 convs, ``--channels`` per level), the same EMA decay and commitment weight; brainvq adds k-means
-initialisation and dead-code restart (its other settings come from the ``vqvae`` config section).
+MONAI's VQVAE is trained in two configurations (``MONAI_CONFIGS``), each on the same batches for the same steps:
+
+- ``monai_defaults``: the network's constructor defaults (three levels of 96/96/192 channels, 3 residual layers,
+  32 codes of 64 dimensions, EMA decay 0.5), trained like brainvq (AdamW at ``--lr``).
+- ``monai_tutorial``: what MONAI's own 2D VQ-VAE tutorial (Project-MONAI/tutorials, generation/2d_vqvae) sets,
+  and only that: 256 codes of 32 dimensions, two stride-2 levels, 2 residual layers, Adam at lr 1e-4, decay and
+  commitment at their defaults; the tutorial's 256 channels per level are scaled to brainvq's ``--channels`` so
+  the two networks have a similar size (and the run fits a CPU).
+
+brainvq uses stride-2 4x4 convs, residual blocks with half-width 3x3 convs and ``--channels`` per level, with
+k-means initialisation and dead-code restart (its other settings come from the ``vqvae`` config section).
 """
 
 from __future__ import annotations
@@ -54,12 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--res-blocks", type=int, default=1)
     parser.add_argument("--latent-dim", type=int, default=32)
     parser.add_argument("--codebook-size", type=int, default=256)
-    parser.add_argument("--decay", type=float, default=0.95, help="EMA decay of both codebooks")
+    parser.add_argument("--decay", type=float, default=0.95, help="EMA decay of brainvq's codebook")
     parser.add_argument("--eval-slices", type=int, default=256, help="held-out slices evaluated (evenly spaced)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=["brainvq", *MONAI_CONFIGS],
+                        choices=["brainvq", *MONAI_CONFIGS], help="models to train, in turn")
     return parser.parse_args(argv)
 
 
@@ -121,29 +131,42 @@ def brainvq_model(args) -> torch.nn.Module:
     return build_vqvae(section)
 
 
-def monai_model(args, residual_fraction: float = 0.5) -> torch.nn.Module:
-    """MONAI's VQVAE with the same levels; residual units ``residual_fraction`` of each level's width."""
+# name -> (VQVAE keyword arguments, optimizer: None = the benchmark's AdamW at --lr, else (class name, lr)).
+MONAI_CONFIGS = {
+    "monai_defaults": ({}, None),
+    "monai_tutorial": ({"num_res_layers": 2, "num_embeddings": 256, "embedding_dim": 32,
+                        "downsample_parameters": ((2, 4, 1, 1),) * 2,
+                        "upsample_parameters": ((2, 4, 1, 1, 0),) * 2}, ("Adam", 1e-4)),
+}
+
+
+def monai_model(name: str, args) -> torch.nn.Module:
+    """MONAI's VQVAE in configuration ``name`` of ``MONAI_CONFIGS`` (the tutorial's widths scaled to the first two
+    of brainvq's ``--channels``)."""
     from monai.networks.nets import VQVAE
 
-    levels = len(args.channels)
-    return VQVAE(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(args.channels),
-        num_res_layers=args.res_blocks,
-        num_res_channels=tuple(max(round(c * residual_fraction), 1) for c in args.channels),
-        downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
-        num_embeddings=args.codebook_size, embedding_dim=args.latent_dim, commitment_cost=0.25, decay=args.decay,
-    )
+    settings = dict(MONAI_CONFIGS[name][0])
+    if name == "monai_tutorial":
+        channels = tuple(args.channels[:2])
+        settings.update(channels=channels, num_res_channels=channels)
+    return VQVAE(spatial_dims=2, in_channels=1, out_channels=1, **settings)
+
+
+def build_model(name: str, args) -> torch.nn.Module:
+    return brainvq_model(args) if name == "brainvq" else monai_model(name, args)
+
+
+def optimizer_of(name: str, model: torch.nn.Module, args, cuda: bool) -> torch.optim.Optimizer:
+    """Return the benchmark's AdamW at ``--lr`` for brainvq and monai_defaults, the tutorial's optimizer otherwise."""
+    chosen = None if name == "brainvq" else MONAI_CONFIGS[name][1]
+    if chosen is None:
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=cuda)
+    kind, lr = chosen
+    return getattr(torch.optim, kind)(model.parameters(), lr=lr)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def matching_residual_fraction(args, target_parameters: int) -> float:
-    """The residual width (fraction of each level) that brings MONAI's model closest to ``target_parameters``
-    (its residual units use two 3x3 convs where brainvq uses 3x3 + 1x1)."""
-    fractions = [k / 32 for k in range(1, 17)]
-    return min(fractions, key=lambda f: abs(parameter_count(monai_model(args, f)) - target_parameters))
 
 
 def forward_loss(name: str, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +207,12 @@ def train_and_evaluate(name: str, args, shards: dict, queue) -> None:
     loader = DataLoader(train, batch_sampler=sampler, num_workers=args.workers, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(args.seed))
     rss_before = peak_rss_mb()
-    fraction = None if name == "brainvq" else matching_residual_fraction(args, parameter_count(brainvq_model(args)))
     torch.manual_seed(args.seed)
-    model = (brainvq_model(args) if name == "brainvq" else monai_model(args, fraction)).to(device)
+    model = build_model(name, args).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4, fused=cuda)
+    optimizer = optimizer_of(name, model, args, cuda)
     model.train()
     losses, start, timed_from = [], None, min(5, args.steps - 1)
     for step, batch in enumerate(loader):
@@ -232,6 +254,9 @@ def train_and_evaluate(name: str, args, shards: dict, queue) -> None:
                 metrics["ssim_full"].append(ssim(original, rec))
     queue.put({
         "name": name,
+        "configuration": "brainvq vqvae config section" if name == "brainvq" else {
+            "network": {k: v for k, v in MONAI_CONFIGS[name][0].items()},
+            "optimizer": MONAI_CONFIGS[name][1] or ["AdamW", args.lr]},
         "parameters": parameter_count(model),
         "train_slices_per_s": slices_per_s,
         "train_seconds": seconds,
@@ -293,7 +318,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         shards = benchmark_shards(args, Path(tmp))
         context = mp.get_context("spawn")
-        for name in ("brainvq", "monai"):
+        for name in args.models:
             queue = context.Queue()
             child = context.Process(target=train_and_evaluate, args=(name, args, shards, queue), name=name)
             child.start()

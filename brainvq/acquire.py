@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -31,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from brainvq.files import atomic_path, write_text_atomic
+from brainvq.files import atomic_path, scratch_folder, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +192,7 @@ def record_in_manifest(path: str | Path, file: Path, md5: str, sha256: str, url:
 # -------------------------------------------------------------------------------------- download
 
 
-def _quarantine(path: Path, actual_md5: str) -> Path:
-    name = path.name.removesuffix(".part").removesuffix(".copy")
+def _quarantine(path: Path, name: str, actual_md5: str) -> Path:
     bad = path.with_name(f"{name}.bad-md5-{actual_md5}")
     os.replace(path, bad)
     return bad
@@ -209,7 +207,7 @@ def _verify_or_quarantine(path: Path, name: str, url: str, md5: str | None, sha2
     if sha256 and actual_sha256 != sha256.lower():
         problems.append(f"SHA-256 {actual_sha256} (expected {sha256})")
     if problems:
-        bad = _quarantine(path, actual_md5)
+        bad = _quarantine(path, name, actual_md5)
         raise ChecksumMismatchError(
             f"{name} from {url} has {' and '.join(problems)}; it was moved to {bad} and will not be used. "
             "Re-run to download it again; if the publisher changed the file on purpose, update the "
@@ -402,10 +400,9 @@ def copy_local_file(
     manifest = Path(manifest) if manifest else None
     if _already_verified(dest, manifest, md5, sha256):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _linked_or_copied_temp(source, dest)
-    actual_md5, actual_sha256 = _verify_or_quarantine(tmp, dest.name, source.as_uri(), md5, sha256)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        _link_or_copy_to(source, tmp)
+        actual_md5, actual_sha256 = _verify_or_quarantine(tmp, dest.name, source.as_uri(), md5, sha256)
     if manifest:
         record_in_manifest(manifest, dest, actual_md5, actual_sha256, source.resolve().as_uri())
     log.info("%s: taken from %s (sha256 %s)", dest, source, actual_sha256)
@@ -428,19 +425,17 @@ def dataset_dir(dataset: str, resources_dir: str | Path) -> Path:
     return Path(resources_dir) / dataset
 
 
-def _linked_or_copied_temp(source: Path, dest: Path) -> Path:
-    """Return a temporary sibling of ``dest`` holding ``source``: a hard link, or a copy across file systems."""
-    tmp = dest.with_name(dest.name + ".copy")
-    tmp.unlink(missing_ok=True)
+def _link_or_copy_to(source: Path, tmp: Path) -> None:
+    """Hard-link ``source`` at ``tmp``, or copy it there across file systems."""
     try:
         os.link(source, tmp)
     except OSError:
         shutil.copyfile(source, tmp)
-    return tmp
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:
-    os.replace(_linked_or_copied_temp(source, dest), dest)
+    with atomic_path(dest) as tmp:
+        _link_or_copy_to(source, tmp)
 
 
 def acquire_file(source, name: str, config: dict, *, progress: bool = True) -> Path:
@@ -535,9 +530,8 @@ def safe_extract(archive: str | Path, target: str | Path) -> list[Path]:
         if record.get("bytes") == size:
             log.info("%s: already extracted into %s", archive.name, target)
             return [target / member for member in record["files"]]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    # Named like atomic_path's temporaries: what a killed extraction leaves is removed by the next one.
+    with scratch_folder(target.parent / f"{target.name}-{archive.name}") as tmp:
         try:
             with tarfile.open(archive, "r:*") as tar:
                 tar.extractall(tmp, filter=_strict_data_filter)
@@ -559,8 +553,6 @@ def safe_extract(archive: str | Path, target: str | Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         for child in sorted(tmp.iterdir()):
             _merge_move(child, target / child.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     write_text_atomic(marker, json.dumps({"archive": archive.name, "bytes": size, "files": files}, indent=0))
     log.info("%s: extracted %d files into %s", archive.name, len(files), target)
     return [target / member for member in files]

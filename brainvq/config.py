@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 import yaml
@@ -47,12 +49,101 @@ def validated_config(config: dict) -> dict:
     return filled
 
 
+def regex_problems(config: dict, prefix: str = "") -> list[str]:
+    """Return a problem line for every ``*_regex`` key (at any depth) that does not compile, and for a
+    ``subject_regex`` without the named group ``subject``."""
+    problems = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            problems += regex_problems(value, f"{name}.")
+        elif key.endswith("_regex") and isinstance(value, str):
+            try:
+                compiled = re.compile(value)
+            except re.error as error:
+                problems.append(f"{name}: {value!r} is not a valid regular expression ({error}); fix the pattern "
+                                 "(Python re syntax)")
+                continue
+            if key == "subject_regex" and "subject" not in compiled.groupindex:
+                problems.append(f"{name}: {value!r} has no named group 'subject'; add one, e.g. "
+                                "'^(?P<subject>[A-Za-z0-9]+)'")
+    return problems
+
+
+def model_problems(config: dict) -> list[str]:
+    """Return a problem line for every model setting that cannot work with the image size or another setting."""
+    vqvae, size = config["vqvae"], config["preprocess"]["size"]
+    factor = vqvae["downsample"]
+    problems = []
+    if size % factor:
+        problems.append(f"preprocess.size: {size} px is not divisible by vqvae.downsample={factor}; choose a "
+                        f"multiple of {factor} (e.g. {size + factor - size % factor}) or a smaller vqvae.downsample")
+    levels = int(math.log2(vqvae["downsample"]))
+    if len(vqvae["channels"]) != levels:
+        problems.append(f"vqvae.channels: {vqvae['channels']} has {len(vqvae['channels'])} levels but "
+                        f"vqvae.downsample={vqvae['downsample']} needs {levels} (one per halving); give one channel "
+                        "count per level, e.g. [32, 64] for 4 or [64, 128, 256] for 8")
+    if vqvae["batch_size"] % vqvae["gpus"]:
+        problems.append(f"vqvae.batch_size: {vqvae['batch_size']} is not divisible by vqvae.gpus={vqvae['gpus']}; "
+                        "make it a multiple of gpus")
+    grid = vqvae["som_grid"]
+    if vqvae["bottleneck"] == "som" and grid and grid[0] * grid[1] != vqvae["codebook_size"]:
+        problems.append(f"vqvae.som_grid: {grid} has {grid[0] * grid[1]} nodes but vqvae.codebook_size="
+                        f"{vqvae['codebook_size']}; give rows * columns = codebook_size, or null")
+    return problems
+
+
+def range_problems(config: dict) -> list[str]:
+    """Return a problem line for every [low, high] setting whose low is not below its high."""
+    problems = []
+    for key in ("clip_percentiles", "slice_range"):
+        low, high = config["preprocess"][key]
+        if low >= high:
+            problems.append(f"preprocess.{key}: {[low, high]} must be [low, high] with low < high; swap or widen it")
+    return problems
+
+
+def path_problems(config: dict) -> list[str]:
+    """Return a problem line for every configured file or folder that must exist before the run starts."""
+    from brainvq.sources import SourceError, get_source  # sources read this module's configs: import where used
+
+    try:
+        required = get_source(config["dataset"]["source"]).required_paths(config)
+    except SourceError as error:
+        return [str(error)]
+    if config["download"]["local_archive_dir"]:
+        required["download.local_archive_dir"] = config["download"]["local_archive_dir"]
+    return [f"{key}: {path} does not exist; fix the path (relative paths start at the working directory "
+            f"{Path.cwd()})" for key, path in required.items() if not Path(path).exists()]
+
+
+def check_startup(config: dict) -> None:
+    """Check everything the config alone decides, before any job runs; report every problem at once.
+
+    Args:
+        config: a config with the schema's defaults filled in.
+
+    Raises:
+        ConfigError: one line per problem, each naming the key and the fix.
+    """
+    problems = regex_problems(config) + model_problems(config) + range_problems(config) + path_problems(config)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {line}" for line in problems))
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
-    """Return the validated config from ``path`` (default config/config.yaml) with ``overrides`` merged."""
+    """Return the config from ``path`` (default config/config.yaml) with ``overrides`` merged, validated against
+    the schema and by ``check_startup`` (as the workflow does before any job runs).
+
+    Raises:
+        ConfigError: naming each offending key and the fix.
+    """
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     with open(path) as handle:
         raw = yaml.safe_load(handle) or {}
-    return validated_config(deep_merge(raw, overrides or {}))
+    config = validated_config(deep_merge(raw, overrides or {}))
+    check_startup(config)
+    return config
 
 
 def config_hash(section: dict) -> str:

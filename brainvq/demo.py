@@ -19,6 +19,10 @@ Two on-disk layouts, mimicking the real datasets:
   zooms, origin at the volume centre), which is what ``datasets.oasis1.orientation.raw_mpr1: ASL``
   tells the reorient stage to impose.
 
+Beside each volume lies its true brain mask (the template's brain mask moved by the same pose, size and
+deformation), in the same format and voxel grid, named ``<name>_brainmask.<ext>`` (``brainvq.io.brain_mask_path``):
+``preprocess.skull_strip: precomputed`` uses it.
+
 World coordinates are RAS+ millimetres throughout.
 """
 
@@ -40,6 +44,7 @@ import pandas as pd
 from scipy import ndimage
 
 from brainvq.files import atomic_path
+from brainvq.io import brain_mask_path
 
 log = logging.getLogger(__name__)
 
@@ -638,6 +643,19 @@ def subject_grid(params: SubjectParams, downsample: int = 1) -> tuple[Layout, np
     return layout, affine
 
 
+def grid_extent_mm(grid_affine: np.ndarray, grid_shape) -> np.ndarray:
+    """Return the physical extent (mm) of a voxel grid along its three axes."""
+    return np.asarray(grid_shape[:3]) * np.linalg.norm(grid_affine[:3, :3], axis=0)
+
+
+def subject_deformation(params: SubjectParams, grid_affine: np.ndarray, grid_shape, rng) -> SmoothField:
+    """Return the subject's smooth deformation on a grid: the first draw from ``rng`` (seeded by
+    ``params.field_seed``), so the volume and its brain mask get the same one."""
+    grid_shape = tuple(int(n) for n in grid_shape[:3])
+    return SmoothField(grid_shape, grid_extent_mm(grid_affine, grid_shape), DEFORMATION_CONTROL_SPACING_MM,
+                       params.deformation_mm, 3, rng)
+
+
 def subject_volume(
     params: SubjectParams,
     grid_affine: np.ndarray,
@@ -660,10 +678,10 @@ def subject_volume(
     model = head_model(downsample)
     head = head_intensities(model, params)
     grid_shape = tuple(int(n) for n in grid_shape[:3])
-    extent_mm = np.asarray(grid_shape) * np.linalg.norm(grid_affine[:3, :3], axis=0)
     rng = np.random.default_rng(list(params.field_seed))
-    deformation = SmoothField(grid_shape, extent_mm, DEFORMATION_CONTROL_SPACING_MM, params.deformation_mm, 3, rng)
-    bias = SmoothField(grid_shape, extent_mm, BIAS_CONTROL_SPACING_MM, params.bias_strength, 1, rng)
+    deformation = subject_deformation(params, grid_affine, grid_shape, rng)
+    bias = SmoothField(grid_shape, grid_extent_mm(grid_affine, grid_shape), BIAS_CONTROL_SPACING_MM,
+                       params.bias_strength, 1, rng)
     template_affine = np.linalg.inv(subject_to_template(model, params)) @ model.affine
     volume = resample_to_grid(head, template_affine, grid_affine, grid_shape, order=1, displacement=deformation)
     sigma = params.noise_fraction
@@ -677,13 +695,14 @@ def subject_volume(
 
 
 def subject_brain_mask(params: SubjectParams, grid_affine: np.ndarray, grid_shape, downsample: int = 1) -> np.ndarray:
-    """Return the subject's true brain mask (bool) on a grid, without the deformation.
-
-    The random deformation moves the brain by a few mm at most, so this is exact up to that.
-    """
+    """Return the subject's true brain mask (bool) on a grid: the template's brain mask moved by the same pose,
+    size and deformation as :func:`subject_volume`'s head, so it lies exactly on the written brain."""
     model = head_model(downsample)
+    grid_shape = tuple(int(n) for n in grid_shape[:3])
+    deformation = subject_deformation(params, grid_affine, grid_shape, np.random.default_rng(list(params.field_seed)))
     template_affine = np.linalg.inv(subject_to_template(model, params)) @ model.affine
-    return resample_to_grid(model.brain.astype(np.float32), template_affine, grid_affine, grid_shape) > 0.5
+    return resample_to_grid(model.brain.astype(np.float32), template_affine, grid_affine, grid_shape, order=1,
+                            displacement=deformation) > 0.5
 
 
 # ----------------------------------------------------------------------------- cohort
@@ -775,19 +794,23 @@ def subject_path(root: Path, params: SubjectParams) -> Path:
 
 
 def write_subject(params: SubjectParams, root: Path, downsample: int = 1) -> tuple[Path, float]:
-    """Synthesise one subject and write it in its layout under ``root``.
+    """Synthesise one subject and write it in its layout under ``root``, with its true brain mask (0/1, same
+    format and grid) beside it as ``brainvq.io.brain_mask_path`` names it.
 
     Returns:
-        ``(path, seconds)``: the written file and the time it took.
+        ``(path, seconds)``: the written volume and the time it took.
     """
     start = time.perf_counter()
     layout, affine = subject_grid(params, downsample)
     volume = subject_volume(params, affine, layout.shape, downsample, layout.wm_intensity)
+    brain = subject_brain_mask(params, affine, layout.shape, downsample).astype(np.float32)
     path = subject_path(root, params)
-    if params.layout == "ixi":
-        save_ixi_nifti(volume, affine, path)
-    else:
-        save_oasis_analyze(volume, layout.zooms_mm, path)
+    # The volume last: a cohort folder whose volume exists also has its mask.
+    for data, target in ((brain, brain_mask_path(path)), (volume, path)):
+        if params.layout == "ixi":
+            save_ixi_nifti(data, affine, target)
+        else:
+            save_oasis_analyze(data, layout.zooms_mm, target)
     return path, time.perf_counter() - start
 
 

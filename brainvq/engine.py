@@ -333,7 +333,8 @@ class HistoryWriter:
         if self.path.exists():
             with open(self.path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as handle:
+        # Rewritten atomically: a kill here must not lose the rows a resume keeps; rows are then appended.
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fieldnames, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)

@@ -86,6 +86,25 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden folder next to ``path`` for this process's scratch work; remove it afterwards.
+
+    It is named like ``atomic_path``'s temporaries (``.<name>.tmp-<pid>``), so one left by a killed
+    process is removed when the next scratch folder or atomic write of ``path`` starts.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = temporary_sibling(path)
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        _remove(tmp)
+
+
 def replace_directory(tmp: Path, target: Path) -> None:
     """Move the complete folder ``tmp`` to ``target``, removing an existing ``target`` only then."""
     old = target.with_name(f".{target.name}.old-{os.getpid()}")

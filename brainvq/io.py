@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 # Scan keys become file stems and the {scan} wildcard; "_mask" is refused because
 # brain/{scan}_mask.nii.gz would otherwise also match brain/{scan}.nii.gz.
 SCAN_KEY_PATTERN = r"(?:(?!_mask)[A-Za-z0-9_-])+"
-SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation"]
+SCANS_COLUMNS = ["scan", "subject", "session", "path", "format", "orientation", "mask"]
+# A precomputed brain mask lives beside its volume, named like it with this before the extension
+# (IXI002-Guys-0828-T1_brainmask.nii.gz, OAS1_0001_MR1_mpr-1_anon_brainmask.hdr); preprocess.skull_strip
+# 'precomputed' uses it.
+BRAIN_MASK_SUFFIX = "_brainmask"
 EXCLUDED_COLUMNS = ["scan", "path", "stage", "reason"]
 DISCOVERY_STAGE = "discover_subjects"
 
@@ -101,6 +105,25 @@ def volume_kind(path: Path) -> str:
         f"{path}: unknown volume format; convert it to NIfTI (.nii/.nii.gz) or Analyze (.hdr + .img), "
         "or move it out of the raw folder"
     )
+
+
+def volume_stem_and_extension(path: Path) -> tuple[str, str]:
+    """Return (name without extension, extension) of a volume file: ``.nii.gz`` counts as one extension."""
+    name = path.name
+    extension = name[-7:] if name.lower().endswith(".nii.gz") else path.suffix
+    return name[: len(name) - len(extension)], extension
+
+
+def brain_mask_path(path: str | Path) -> Path:
+    """Return where a volume's precomputed brain mask lives: beside it, ``<stem>_brainmask<extension>``."""
+    path = Path(path)
+    stem, extension = volume_stem_and_extension(path)
+    return path.with_name(f"{stem}{BRAIN_MASK_SUFFIX}{extension}")
+
+
+def is_brain_mask_path(path: str | Path) -> bool:
+    """Return whether a file is a precomputed brain mask (never a scan of its own)."""
+    return volume_stem_and_extension(Path(path))[0].endswith(BRAIN_MASK_SUFFIX)
 
 
 def pair_paths(path: Path) -> tuple[Path, Path]:
@@ -252,6 +275,22 @@ def volume_affine(img, path: Path, orientation: str | None, shape) -> np.ndarray
     return affine_from_axcodes(validated_axcodes(orientation, path), zooms, shape)
 
 
+def read_volume(path: Path, orientation: str | None = None) -> tuple[object, np.ndarray, np.ndarray]:
+    """Return ``(img, data, affine)``: the image as read, its 3D float32 voxels and its checked affine.
+
+    Raises:
+        VolumeError: one subclass per failure kind, naming the file and the fix (``qc.AffineError`` for a
+            singular or non-finite affine, which nibabel would otherwise refuse deep inside with no file name).
+    """
+    from brainvq.qc import check_affine  # qc builds on this module's VolumeError: import it where used
+
+    img = read_image(path)
+    data = checked_voxels(read_voxels(img, path), path)
+    affine = volume_affine(img, path, orientation, data.shape)
+    check_affine(affine, path)
+    return img, data, affine
+
+
 def load_volume(path: str | Path, orientation: str | None = None) -> nib.Nifti1Image:
     """Return a raw volume, fully read and validated, as a float32 NIfTI image.
 
@@ -268,10 +307,7 @@ def load_volume(path: str | Path, orientation: str | None = None) -> nib.Nifti1I
     Raises:
         VolumeError: one subclass per failure kind, naming the file and the fix.
     """
-    path = Path(path)
-    img = read_image(path)
-    data = checked_voxels(read_voxels(img, path), path)
-    affine = volume_affine(img, path, orientation, data.shape)
+    _, data, affine = read_volume(Path(path), orientation)
     out = nib.Nifti1Image(data, affine)
     out.set_sform(affine, code=1)
     out.set_qform(affine, code=1)
@@ -303,9 +339,11 @@ def header_format(path: Path) -> str:
 
 
 def scan_row(scan: str, subject: str, session: str, path: Path, orientation: str | None) -> dict:
-    """Return one subjects.tsv row; ``orientation`` is kept only where the header lacks one."""
+    """Return one subjects.tsv row; ``orientation`` is kept only where the header lacks one, and ``mask`` is the
+    precomputed brain mask beside the volume (``brain_mask_path``), '' when there is none."""
     fmt = header_format(path) if path.exists() else ("nifti" if volume_kind(path) == "nifti" else "analyze")
     needs_orientation = not (path.exists() and header_describes_orientation(path))
+    mask = brain_mask_path(path)
     return {
         "scan": scan,
         "subject": subject,
@@ -313,6 +351,7 @@ def scan_row(scan: str, subject: str, session: str, path: Path, orientation: str
         "path": str(path),
         "format": fmt,
         "orientation": (orientation or "") if needs_orientation else "",
+        "mask": str(mask) if mask.exists() else "",
     }
 
 
@@ -374,41 +413,85 @@ def find_scans(source, raw_root: str | Path, config: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SCANS_COLUMNS).sort_values("scan", ignore_index=True)
 
 
-def volume_problem(row: dict) -> VolumeError | None:
-    """Return the VolumeError that loading ``row``'s volume raises, or None when it loads."""
+def volume_problem(row: dict, limits) -> VolumeError | None:
+    """Return the VolumeError that reading ``row``'s volume or its QC gate raises, or None when it passes.
+
+    Args:
+        row: a ``find_scans`` row (path, orientation).
+        limits: the QC gate's ``brainvq.qc.Thresholds``.
+    """
+    from brainvq.qc import check_volume  # qc builds on this module's VolumeError: import it where used
+
+    path = Path(row["path"])
     try:
-        load_volume(row["path"], row["orientation"] or None)
+        img, data, affine = read_volume(path, row["orientation"] or None)
+        check_volume(img, data, affine, path, limits)
     except VolumeError as error:
         return error
     return None
 
 
-def validate_scans(scans: pd.DataFrame, on_error: str, threads: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (kept, excluded) after fully loading every scan's volume in a thread pool.
+class InvalidVolumesError(VolumeError):
+    """Several raw volumes cannot be used; the message tables every file with its reason.
+
+    Attributes:
+        problems: (path, error) of each bad volume, in scan order.
+    """
+
+    def __init__(self, problems: list[tuple[str, VolumeError]]):
+        self.problems = problems
+        width = max(len(str(path)) for path, _ in problems)
+        rows = "\n".join(f"  {str(path):<{width}}  {problem_reason(problem, path)}" for path, problem in problems)
+        super().__init__(
+            f"{len(problems)} volumes cannot be used:\n  {'file':<{width}}  problem\n{rows}\n"
+            "Fix or remove each file as its line says, or set preprocess.on_error: skip to leave them out "
+            "(they are then listed in qc/excluded.csv)"
+        )
+
+
+def problem_reason(problem: VolumeError, path: str | Path | None = None) -> str:
+    """Return ``'<ErrorClass>: <message>'``, without a leading ``path`` the table already shows."""
+    message = str(problem)
+    if path is not None and message.startswith(str(path)):
+        message = message[len(str(path)):].lstrip(": ")
+    return f"{type(problem).__name__}: {message}"
+
+
+def validate_scans(
+    scans: pd.DataFrame, on_error: str, threads: int = 1, limits=None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (kept, excluded) after fully reading every scan's volume and running the QC gate on it.
+
+    Every volume is checked (in a thread pool) before anything is decided, so one run reports them all.
 
     Args:
         scans: rows from ``find_scans``.
-        on_error: 'fail' raises the first problem (in scan order); 'skip' leaves the scan out.
+        on_error: 'fail' raises when any volume is bad; 'skip' leaves the bad scans out.
         threads: loader threads (gzip decompression releases the GIL).
+        limits: the QC gate's ``brainvq.qc.Thresholds``; None = the schema defaults.
 
     Returns:
-        kept scans (SCANS_COLUMNS) and excluded rows (EXCLUDED_COLUMNS).
+        kept scans (SCANS_COLUMNS) and excluded rows (EXCLUDED_COLUMNS; the reason starts with the error class).
 
     Raises:
-        VolumeError: with on_error 'fail', the first problem.
+        VolumeError: with on_error 'fail', the one bad volume's error, or ``InvalidVolumesError`` tabling
+            every bad volume when there are several.
     """
+    from brainvq.qc import Thresholds  # see volume_problem
+
+    limits = limits or Thresholds()
     records = scans.to_dict("records")
     with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
-        problems = list(pool.map(volume_problem, records))
+        problems = list(pool.map(lambda row: volume_problem(row, limits), records))
+    bad = [(row["path"], problem) for row, problem in zip(records, problems) if problem is not None]
+    if bad and on_error == "fail":
+        raise bad[0][1] if len(bad) == 1 else InvalidVolumesError(bad)
     excluded = []
     for row, problem in zip(records, problems):
-        if problem is None:
-            continue
-        if on_error == "fail":
-            raise problem
-        log.warning("skipping %s: %s", row["scan"], problem)
-        excluded.append({"scan": row["scan"], "path": row["path"], "stage": DISCOVERY_STAGE,
-                         "reason": f"{type(problem).__name__}: {problem}"})
+        if problem is not None:
+            log.warning("skipping %s: %s", row["scan"], problem)
+            excluded.append({"scan": row["scan"], "path": row["path"], "stage": DISCOVERY_STAGE,
+                             "reason": problem_reason(problem)})
     kept = scans[[p is None for p in problems]].reset_index(drop=True)
     return kept, pd.DataFrame(excluded, columns=EXCLUDED_COLUMNS)
 
@@ -421,7 +504,8 @@ def discover_scans_with_exclusions(
     Args:
         source: the ``brainvq.sources.Source`` of ``dataset.source``.
         raw_root: the folder holding the raw volumes.
-        config: the validated config; ``preprocess.on_error`` decides fail or skip.
+        config: the validated config; ``preprocess.on_error`` decides fail or skip, ``qc`` holds the
+            QC gate's thresholds.
         threads: loader threads.
 
     Returns:
@@ -429,10 +513,13 @@ def discover_scans_with_exclusions(
 
     Raises:
         DiscoveryError: layout problems (see ``find_scans``), or every volume rejected.
-        VolumeError: a bad volume, with on_error 'fail'.
+        VolumeError: bad volumes, with on_error 'fail' (all of them in one error, see ``validate_scans``).
     """
+    from brainvq.qc import Thresholds  # see volume_problem
+
     candidates = find_scans(source, raw_root, config)
-    scans, excluded = validate_scans(candidates, config["preprocess"]["on_error"], threads)
+    scans, excluded = validate_scans(candidates, config["preprocess"]["on_error"], threads,
+                                     Thresholds.from_config(config["qc"]))
     if scans.empty:
         reasons = "; ".join(excluded["reason"].head(3))
         raise NoVolumesFoundError(f"all {len(candidates)} volumes under {raw_root} were rejected, e.g. {reasons}")

@@ -9,7 +9,7 @@ from io import StringIO
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import aff2axcodes
-from nibabel.processing import resample_to_output
+from nibabel.processing import resample_from_to, resample_to_output
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.transform import resize
@@ -115,19 +115,29 @@ def bet_brain_mask(img, fractional_threshold: float | None = None, iterations: i
     return mask_from_surface(extractor.surface, img.shape[:3])
 
 
+def mask_on_grid(mask_img, target) -> np.ndarray:
+    """Return a mask image of any orientation and grid (e.g. a precomputed brain mask read beside its volume)
+    resampled onto ``target``'s grid through both affines: bool, inside where linear interpolation gives > 0.5."""
+    moved = resample_from_to(mask_img, (target.shape[:3], target.affine), order=1, mode="constant", cval=0.0)
+    return moved.get_fdata(dtype=np.float32) > 0.5
+
+
 def skull_strip(
     img,
     method: str,
     bet_fractional_threshold: float | None = None,
     bet_iterations: int | None = None,
+    precomputed_mask: np.ndarray | None = None,
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """Return (brain, mask) images of an isotropic RAS volume.
 
     Args:
         img: isotropic RAS volume (the output of ``resample_isotropic``).
         method: 'bet' (brainextractor), 'none' (the head, with a head-foreground mask), or
-            'precomputed' (an already skull-stripped volume: mask = voxels > 0).
+            'precomputed' (the mask found beside the volume, ``precomputed_mask``; without one, an already
+            skull-stripped volume: mask = voxels > 0).
         bet_fractional_threshold, bet_iterations: for 'bet'; None keeps brainextractor's defaults.
+        precomputed_mask: for 'precomputed', a bool array on ``img``'s grid (``mask_on_grid``), or None.
 
     Returns:
         brain: float32, zero outside the mask; mask: uint8 (1 inside), same grid as ``img``.
@@ -140,7 +150,7 @@ def skull_strip(
     if method == "none":
         mask = head_foreground_mask(data)
     elif method == "precomputed":
-        mask = data > 0
+        mask = np.asarray(precomputed_mask, bool) if precomputed_mask is not None else data > 0
     elif method == "bet":
         mask = bet_brain_mask(img, bet_fractional_threshold, bet_iterations)
     else:
@@ -262,6 +272,11 @@ def pixel_mm(settings: dict) -> float:
     return window_voxels(settings) * settings["spacing_mm"] / settings["size"]
 
 
+def mask_kind(settings: dict) -> str:
+    """Return what a run's masks cover: ``head`` with ``skull_strip: none`` (head foreground), else ``brain``."""
+    return "head" if settings["skull_strip"] == "none" else "brain"
+
+
 def in_plane_window(mask: np.ndarray, side_vox: int | None = None) -> tuple[int, int, int]:
     """Return ``(top row, left column, side)`` of the square window of axial-image pixels that slices are cut to.
 
@@ -342,13 +357,15 @@ def normalised_slices(
     return np.clip(images, 0, 1).astype(np.float32), masks, positions
 
 
-def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
+def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict, skull_strip_reason: str = "") -> dict:
     """Return one scan's slices, or none with the reason it is excluded.
 
     Args:
         volume: 3D RAS brain (or head) volume; mask: its 3D mask (an empty mask marks a scan whose
             skull stripping failed under ``on_error: skip``).
         settings: the ``preprocess`` config section.
+        skull_strip_reason: why the QC gate after skull stripping leaves the scan out ('' when it passed;
+            ``brainvq.qc.skull_strip_problem``).
 
     Returns:
         dict with ``images`` (N, size, size) in ``settings['dtype']``, ``masks``, ``slice_index`` (int32),
@@ -363,6 +380,8 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict) -> dict:
     window = (-1, -1, -1)
     if not mask.any():
         stage, reason = "skull_strip", f"empty mask after skull_strip={settings['skull_strip']}"
+    elif skull_strip_reason:
+        stage, reason = "skull_strip", skull_strip_reason
     else:
         indices = select_axial_slices(
             mask, settings["slice_selection"], settings["min_brain_fraction"], settings["slice_range"]

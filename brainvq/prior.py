@@ -212,6 +212,9 @@ def model_kwargs(config: dict, codebook_size: int, map_size: tuple[int, int], n_
         "head_channels": config["head_channels"],
         "n_labels": int(n_labels),
         "map_size": [int(s) for s in map_size] if config["location_bias"] else None,
+        "dilations": list(config["dilations"]),
+        "dropout": config["dropout"],
+        "position_anchors": config["position_anchors"],
     }
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from brainvq.files import write_bytes_atomic
+from brainvq.generation_report import copies_figure, generation_table, prior_table, sample_grid_figure
 from brainvq.workflow import package_versions
 
 STYLE = {
@@ -42,13 +43,15 @@ STYLE = {
     "axes.prop_cycle": matplotlib.cycler(color=["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]),
 }
 FIGURE_NAMES = ("training_curves", "reconstructions", "ssim_distribution", "codebook_usage", "samples_vs_real",
-                "memorisation", "anomaly_maps")
+                "sample_grid", "copies", "anomaly_maps")
 # The arrays of eval/figures.npz (written by brainvq.evaluation.evaluate_run) that the figures draw.
 FIGURE_ARRAYS = (
     "examples_label", "examples_scan", "examples_ssim_brain", "examples_position", "examples_original",
     "examples_reconstruction", "examples_error", "codebook_counts", "samples_images", "samples_positions",
-    "real_images", "real_positions", "anomaly_lesioned", "anomaly_reconstruction", "anomaly_score", "anomaly_lesion",
-    "memorisation_highest_ssim",
+    "real_images", "real_positions", "anomaly_lesioned", "anomaly_reconstruction", "anomaly_lesion",
+    "anomaly_methods", "anomaly_method_scores",
+    "generation_samples", "generation_positions", "generation_neighbours", "generation_hamming", "generation_ssim",
+    "generation_flagged", "copies_real_hamming", "copies_real_ssim",
 )
 REPORT_PACKAGES = ("numpy", "pandas", "matplotlib", "jinja2", "h5py", "snakemake")
 # (column family, title, y label): one training-curve panel each, drawn when history.csv has the columns.
@@ -84,25 +87,34 @@ METRIC_ROWS = (
      "log2 K: a prior that knows nothing. The PixelCNN should be far below it."),
     ("Prior", "NLL, unigram (bits/code)", ("prior", "unigram_bits_per_code"), "float",
      "Training code frequencies only (add-one smoothed): the baseline that ignores context."),
-    ("Generation", "Diversity, samples (MS-SSIM)", ("generation", "diversity", "samples_mean_pairwise_ms_ssim"),
-     "float", "Mean pairwise MS-SSIM among samples; lower = more diverse."),
-    ("Generation", "Diversity, real (MS-SSIM)", ("generation", "diversity", "real_mean_pairwise_ms_ssim"), "float",
-     "The same among real test slices at matched positions: what samples should approach."),
-    ("Generation", "Memorised share", ("generation", "memorisation", "share_above_threshold"), "percent",
-     "Samples whose highest SSIM to a training slice at a similar position exceeds the threshold."),
-    ("Generation", "Highest SSIM to training (median)", ("generation", "memorisation", "highest_ssim", "median"),
-     "float", "Median over samples of the best SSIM match among training slices."),
-    ("Generation", "FD samples vs test", ("generation", "frechet_distance", "samples_vs_test"), "float",
-     "FD (VQ-VAE encoder features; not comparable to FID): Fréchet distance of pooled pre-quantisation features."),
-    ("Generation", "FD training vs test (reference)", ("generation", "frechet_distance", "train_vs_test"), "float",
-     "The same distance between real training and test slices: the floor at this sample size."),
-    ("Probe", "AUROC from codes", ("probe", "codes", "auroc"), "float",
-     "Logistic regression on each scan's code-usage histogram, trained on training scans, scored on test scans."),
-    ("Probe", "AUROC from raw images", ("probe", "raw_images", "auroc"), "float",
-     "The same classifier on each scan's mean downsampled slice: the baseline the codes should match."),
-    ("Anomaly", "Pixel AUROC", ("anomaly", "pixel_auroc"), "float",
-     "Synthetic lesions scored by smoothed |input − reconstruction|, over brain pixels; 0.5 = chance."),
+    ("Prior", "NLL, per-location unigram (bits/code)", ("prior", "per_location_unigram_bits_per_code"), "float",
+     "Training code frequencies at each map location: knows where background is without any context."),
+    ("Prior", "NLL, PixelCNN inside the mask (bits/code)", ("prior", "bits_per_code_brain"), "float",
+     "The PixelCNN's NLL over code positions inside the brain (head) mask only, where the anatomy is."),
+    ("Generation", "Two-sample AUROC, samples vs reconstructions",
+     ("generation", "c2st", "samples_vs_reconstructions", "auroc"), "float",
+     "A small CNN telling samples from decoded real code maps, on held-out halves; 0.5 = indistinguishable."),
+    ("Generation", "Position error, samples (MAE)", ("generation", "position_error", "samples"), "float",
+     "Error of a regressor trained on training slices at reading the axial level the samples were drawn for."),
+    ("Generation", "Position error, real test slices (MAE)", ("generation", "position_error", "real"), "float",
+     "The same regressor's error on real test slices: what samples should approach."),
+    ("Generation", "Copies flagged", ("generation", "copies", "share_flagged"), "percent",
+     "Samples within a threshold, calibrated on known copies, of a training code map (Hamming or decoded SSIM)."),
+    ("Probe", "AUROC from codes", ("probe", "auroc"), "float",
+     "Linear probe on each scan's code-usage histogram, cross-validated over every subject (see the probe table)."),
+    ("Probe", "p-value, codes", ("probe", "p_value"), "float",
+     "Share of label permutations (within site) whose probe does at least as well; small = a real signal."),
 )
+# metrics.json anomaly methods, in table order, with what each scores.
+ANOMALY_METHODS = {
+    "vqvae_residual": "VQ-VAE residual |x − reconstruction|",
+    "healed": "prior healing |x − healed| (Pinaya et al. 2022)",
+    "healed_masked": "prior healing, kept where codes were replaced",
+    "mean_slice": "no model: |x − mean training slice at the position|",
+    "zscore": "no model: per-pixel z-score against training slices at the position",
+}
+PROBE_FEATURES = {"codes": "code histogram", "raw_images": "mean downsampled slice (raw images)",
+                  "site_only": "site alone"}
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("brainvq", "templates"),
     autoescape=jinja2.select_autoescape(["html", "j2"]),
@@ -207,18 +219,66 @@ def formatted(value, kind: str = "float") -> str:
 # ----------------------------------------------------------------------------------------------- tables
 
 
+def mask_kind(metrics: dict) -> str:
+    """Return what the run's masks cover, ``brain`` or ``head`` (``skull_strip: none``), for labels and captions."""
+    return metric_value(metrics, ("preprocess", "mask_kind")) or "brain"
+
+
+def with_interval(value, interval) -> str:
+    """Return ``value`` formatted, followed by its 95 % interval ``[low, high]`` when there is one."""
+    text = formatted(value)
+    if value is not None and interval and None not in interval:
+        text += f" [{formatted(interval[0])}, {formatted(interval[1])}]"
+    return text
+
+
 def reconstruction_table(metrics: dict) -> pd.DataFrame:
-    """Return the reconstruction metrics: one row each, mean/median/5th percentile over slices, scans and
-    subjects."""
+    """Return the reconstruction metrics: one row each, mean (with its subject-bootstrap 95 % interval), median and
+    5th percentile over slices, scans and subjects; "brain" reads "head" when the run's masks are head masks."""
+    kind = mask_kind(metrics)
     rows = []
     for key, (label, meaning) in RECONSTRUCTION_MEANINGS.items():
         stats = metric_value(metrics, ("reconstruction", key)) or {}
-        row = {"Metric": label}
+        row = {"Metric": label.replace("brain", kind)}
         for unit, name in (("over_slices", "slices"), ("over_scans", "scans"), ("over_subjects", "subjects")):
-            for stat, stat_name in (("mean", "mean"), ("median", "median"), ("p5", "5th pct")):
-                row[f"{name}: {stat_name}"] = formatted((stats.get(unit) or {}).get(stat))
-        row["Meaning"] = meaning
+            summary = stats.get(unit) or {}
+            row[f"{name}: mean [95% CI]"] = with_interval(summary.get("mean"), summary.get("mean_ci95"))
+            for stat, stat_name in (("median", "median"), ("p5", "5th pct")):
+                row[f"{name}: {stat_name}"] = formatted(summary.get(stat))
+        row["Meaning"] = meaning.replace("brain", kind)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def anomaly_table(metrics: dict) -> pd.DataFrame:
+    """Return AUROC, AUPRC and best Dice of every anomaly method on all lesions and on each lesion type."""
+    anomaly = metrics.get("anomaly") or {}
+    types = ["all"] + list(metric_value(anomaly, ("lesions", "types")) or [])
+    rows = []
+    for lesion in types:
+        for method, meaning in ANOMALY_METHODS.items():
+            if method not in anomaly:
+                continue
+            scores = anomaly[method] if lesion == "all" else (anomaly[method].get("by_lesion") or {}).get(lesion, {})
+            rows.append({"Lesions": lesion, "Method": method, "AUROC": formatted(scores.get("auroc")),
+                         "AUPRC": formatted(scores.get("auprc")), "Best Dice": formatted(scores.get("dice")),
+                         "AUPRC of chance": formatted(scores.get("lesion_share")), "Scores": meaning})
+    return pd.DataFrame(rows)
+
+
+def probe_table(metrics: dict) -> pd.DataFrame:
+    """Return the probe from each feature set: AUROC with its 95 % interval, permutation p-value, and why a value
+    is missing."""
+    probe = metrics.get("probe") or {}
+    rows = []
+    for key, label in PROBE_FEATURES.items():
+        result = probe.get(key)
+        if not isinstance(result, dict):
+            continue
+        rows.append({"Features": label, "AUROC [95% CI]": with_interval(result.get("auroc"), result.get("auroc_ci")),
+                     "p-value": formatted(result.get("p_value")), "Permutations": formatted(
+                         result.get("n_permutations"), "int"), "Folds": formatted(result.get("folds"), "int"),
+                     "Note": result.get("reason") or ""})
     return pd.DataFrame(rows)
 
 
@@ -307,8 +367,9 @@ def training_curves_figure(histories: dict[str, pd.DataFrame]) -> Figure:
     return fig
 
 
-def reconstruction_grid_figure(arrays: dict) -> Figure:
-    """Return original / reconstruction / |error| for the best, median and worst test scans."""
+def reconstruction_grid_figure(arrays: dict, kind: str = "brain") -> Figure:
+    """Return original / reconstruction / |error| for the best, median and worst test scans (``kind``: what the
+    mask covers, brain or head)."""
     labels = arrays["examples_label"]
     fig = _new_figure(7.5, 2.5 * len(labels))
     with matplotlib.rc_context(STYLE):
@@ -320,15 +381,16 @@ def reconstruction_grid_figure(arrays: dict) -> Figure:
             _image_axis(axes[row, 0], arrays["examples_original"][row],
                         f"{label}: {scan}\noriginal (position {position:.2f})")
             _image_axis(axes[row, 1], arrays["examples_reconstruction"][row],
-                        f"reconstruction\nscan mean brain SSIM {score:.3f}")
+                        f"reconstruction\nscan mean {kind} SSIM {score:.3f}")
             handle = _image_axis(axes[row, 2], arrays["examples_error"][row], "|original − reconstruction|",
                                  cmap="magma", vmin=0, vmax=error_max)
             fig.colorbar(handle, ax=axes[row, 2], label="absolute error (intensity, 0–1)", shrink=0.85)
     return fig
 
 
-def ssim_distribution_figure(per_scan: pd.DataFrame) -> Figure:
-    """Return the distribution over test scans of the mean brain-masked SSIM (histogram with each scan)."""
+def ssim_distribution_figure(per_scan: pd.DataFrame, kind: str = "brain") -> Figure:
+    """Return the distribution over test scans of the mean brain-box SSIM (histogram with each scan); ``kind``
+    names what the mask covers (brain or head)."""
     fig = _new_figure(5.5, 3)
     with matplotlib.rc_context(STYLE):
         ax = fig.subplots()
@@ -340,7 +402,7 @@ def ssim_distribution_figure(per_scan: pd.DataFrame) -> Figure:
         ax.plot(values, np.zeros(len(values)), "|", color="k", markersize=14, label="one scan")
         ax.axvline(values.mean(), color="#d62728", label=f"mean {values.mean():.3f}")
         ax.axvline(values.median(), color="#2ca02c", linestyle="--", label=f"median {values.median():.3f}")
-        ax.set_xlabel("brain-box SSIM, mean over a scan's slices (unitless)")
+        ax.set_xlabel(f"{kind}-box SSIM, mean over a scan's slices (unitless)")
         ax.set_ylabel("test scans (count)")
         ax.set_title(f"Per-scan reconstruction quality (n = {len(values)})")
         ax.legend(loc="upper left")
@@ -381,46 +443,35 @@ def samples_vs_real_figure(arrays: dict) -> Figure:
     return fig
 
 
-def memorisation_figure(highest: np.ndarray, threshold: float | None) -> Figure:
-    """Return the distribution of each sample's highest SSIM to a training slice, with the memorisation threshold."""
-    fig = _new_figure(5.5, 3)
+def generation_figure(draw, *args) -> Figure:
+    """Return a figure of ``brainvq.generation_report`` drawn in the report style."""
     with matplotlib.rc_context(STYLE):
-        ax = fig.subplots()
-        values = np.asarray(highest, np.float64)
-        values = values[~np.isnan(values)]
-        if values.size == 0:
-            _no_data(ax, "no samples with training candidates")
-            return fig
-        ax.hist(values, bins=np.linspace(min(0.0, values.min()), 1, 41), color="#9467bd", alpha=0.7)
-        if threshold is not None:
-            ax.axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold:g}")
-            ax.legend(loc="upper left")
-        ax.set_xlabel("highest SSIM to a training slice (unitless)")
-        ax.set_ylabel("samples (count)")
-        ax.set_title("Memorisation check")
-    return fig
+        return draw(*args)
 
 
 def anomaly_figure(arrays: dict) -> Figure:
-    """Return lesioned input / reconstruction / anomaly score with the true lesion outlined, per example."""
+    """Return, per example, the lesioned input, its reconstruction and every method's score map, with the true
+    lesion outlined."""
     n = len(arrays["anomaly_lesioned"])
-    fig = _new_figure(8, 2.4 * max(n, 1))
+    methods = [str(m) for m in arrays["anomaly_methods"]]
+    columns = 2 + len(methods)
+    fig = _new_figure(1.9 * columns, 2.1 * max(n, 1))
     with matplotlib.rc_context(STYLE):
-        axes = fig.subplots(max(n, 1), 3, squeeze=False)
+        axes = fig.subplots(max(n, 1), columns, squeeze=False)
         if n == 0:
             _no_data(axes[0, 0], "no anomaly examples")
             return fig
-        score_max = max(float(arrays["anomaly_score"].max()), 1e-6)
         for row in range(n):
-            _image_axis(axes[row, 0], arrays["anomaly_lesioned"][row], "input with synthetic lesion")
+            _image_axis(axes[row, 0], arrays["anomaly_lesioned"][row], "input with lesion")
             _image_axis(axes[row, 1], arrays["anomaly_reconstruction"][row], "reconstruction")
-            handle = _image_axis(axes[row, 2], arrays["anomaly_score"][row], "anomaly score (lesion outlined)",
-                                 cmap="inferno", vmin=0, vmax=score_max)
+            for k, method in enumerate(methods):
+                score = arrays["anomaly_method_scores"][k, row]
+                _image_axis(axes[row, 2 + k], score, method, cmap="inferno", vmin=0,
+                            vmax=max(float(arrays["anomaly_method_scores"][k].max()), 1e-6))
             lesion = np.asarray(arrays["anomaly_lesion"][row], np.float32)
             if lesion.any():
                 for ax in axes[row]:
                     ax.contour(lesion, levels=[0.5], colors="#2ca02c", linewidths=0.8)
-            fig.colorbar(handle, ax=axes[row, 2], label="score (intensity)", shrink=0.85)
     return fig
 
 
@@ -429,12 +480,13 @@ def report_figures(metrics: dict, arrays: dict, per_scan: pd.DataFrame,
     """Return every report figure by name (``FIGURE_NAMES``)."""
     return {
         "training_curves": training_curves_figure(histories),
-        "reconstructions": reconstruction_grid_figure(arrays),
-        "ssim_distribution": ssim_distribution_figure(per_scan),
+        "reconstructions": reconstruction_grid_figure(arrays, mask_kind(metrics)),
+        "ssim_distribution": ssim_distribution_figure(per_scan, mask_kind(metrics)),
         "codebook_usage": codebook_usage_figure(arrays["codebook_counts"], metrics.get("codebook", {})),
         "samples_vs_real": samples_vs_real_figure(arrays),
-        "memorisation": memorisation_figure(arrays["memorisation_highest_ssim"],
-                                            metric_value(metrics, ("generation", "memorisation", "threshold"))),
+        "sample_grid": generation_figure(sample_grid_figure, arrays, _new_figure, _image_axis),
+        "copies": generation_figure(copies_figure, arrays,
+                                    metric_value(metrics, ("generation", "copies", "thresholds")) or {}, _new_figure),
         "anomaly_maps": anomaly_figure(arrays),
     }
 
@@ -484,12 +536,18 @@ def run_summary(config: dict, split_df: pd.DataFrame, excluded: pd.DataFrame, me
         ("Test subjects (scans, slices)", f"{count('test', 'subject')} ({count('test', 'scan')}, "
                                           f"{metrics.get('n_test_slices', 'n/a')})"),
         ("Excluded scans", str(len(excluded))),
-        ("Image size", f"{config.get('preprocess', {}).get('size')} px at "
-                       f"{config.get('preprocess', {}).get('spacing_mm')} mm"),
+        ("Image size", f"{config.get('preprocess', {}).get('size')} px of "
+                       f"{formatted(metric_value(metrics, ('preprocess', 'pixel_mm')))} mm (resampled to "
+                       f"{config.get('preprocess', {}).get('spacing_mm')} mm voxels, "
+                       f"{config.get('preprocess', {}).get('field_of_view_mm')} mm field of view)"),
+        ("Masks", "head masks (skull_strip: none): every 'head' metric covers scalp and skull"
+         if mask_kind(metrics) == "head" else "brain masks (skull_strip: "
+         f"{metric_value(metrics, ('preprocess', 'skull_strip')) or config.get('preprocess', {}).get('skull_strip')})"),
         ("Bottleneck", f"{config.get('vqvae', {}).get('bottleneck')}, "
                        f"{metric_value(metrics, ('codebook', 'codebook_size'))} codes"),
-        ("Brain-box SSIM (mean over test slices)",
-         formatted(metric_value(metrics, ("reconstruction", "ssim_brain", "over_slices", "mean")))),
+        (f"{mask_kind(metrics).capitalize()}-box SSIM (mean over test subjects, 95% CI)",
+         with_interval(metric_value(metrics, ("reconstruction", "ssim_brain", "over_subjects", "mean")),
+                       metric_value(metrics, ("reconstruction", "ssim_brain", "over_subjects", "mean_ci95")))),
         ("Prior NLL (bits/code): PixelCNN / unigram / uniform",
          " / ".join(formatted(prior.get(k)) for k in ("bits_per_code", "unigram_bits_per_code",
                                                        "uniform_bits_per_code"))),
@@ -563,9 +621,16 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         "summary": run_summary(config, split_df, excluded, metrics),
         "reconstruction_table": html_table(reconstruction_table(metrics))[0],
         "metrics_table": html_table(metrics_table(metrics))[0],
+        "anomaly_table": html_table(anomaly_table(metrics))[0],
+        "probe_table": html_table(probe_table(metrics))[0],
+        "mask_kind": mask_kind(metrics),
+        "pixel_mm": metric_value(metrics, ("preprocess", "pixel_mm")),
+        "generation_table": html_table(generation_table(metrics))[0],
+        "prior_table": html_table(prior_table(metrics))[0],
+        "generation": metrics.get("generation", {}),
         "probe": metrics.get("probe", {}),
         "anomaly": metrics.get("anomaly", {}),
-        "fd_label": metric_value(metrics, ("generation", "frechet_distance", "label")) or "FD",
+        "fd_label": metric_value(metrics, ("generation", "frechet_distance_vqvae", "label")) or "FD",
         "ms_ssim_window_px": metrics.get("ms_ssim_window_px"),
         "figures": figures,
         "per_scan_table": per_scan_html, "per_scan_left_out": per_scan_left_out,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from brainvq.files import atomic_path, save_figure_atomic
-from brainvq.models.pixelcnn import GatedPixelCNN
+from brainvq.models.pixelcnn import GatedPixelCNN, nucleus
 from brainvq.prior import LabelConfigError, label_indices, model_device
 from brainvq.runtime import autocast_context
 
@@ -21,9 +21,10 @@ from brainvq.runtime import autocast_context
 @torch.no_grad()
 def sample_codes(prior: GatedPixelCNN, positions: Sequence[float], labels: Sequence[str] | None = None,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 device: str | torch.device | None = None, amp: bool = True) -> torch.Tensor:
+                 device: str | torch.device | None = None, top_p: float = 1.0, amp: bool = True) -> torch.Tensor:
     """Return code maps (N, h, w) long on the CPU, drawn in raster order from the prior at slice ``positions``
-    (N,) and ``labels`` (N strings, for a label-conditioned prior), logits divided by ``temperature``.
+    (N,) and ``labels`` (N strings, for a label-conditioned prior), logits divided by ``temperature`` and each
+    code drawn from the nucleus of mass ``top_p`` (:func:`brainvq.models.pixelcnn.nucleus`).
 
     Maps are drawn ``batch_size`` at a time with one ``torch.Generator`` seeded with ``seed``: the same seed,
     batch size, device and ``amp`` (bf16 autocast on CUDA; ``sample.amp``) give the same maps. The prior is moved
@@ -43,19 +44,20 @@ def sample_codes(prior: GatedPixelCNN, positions: Sequence[float], labels: Seque
     for start in range(0, len(positions), batch_size):
         part = slice(start, start + batch_size)
         cond_labels = None if label_idx is None else label_idx[part].to(device)
-        out[part] = sample_batch(prior, positions[part].to(device), cond_labels, temperature, generator, amp).cpu()
+        out[part] = sample_batch(prior, positions[part].to(device), cond_labels, temperature, generator,
+                                 top_p, amp).cpu()
     return out
 
 
 def sample_batch(prior: GatedPixelCNN, positions: torch.Tensor, labels: torch.Tensor | None,
-                 temperature: float, generator: torch.Generator, amp: bool = True) -> torch.Tensor:
+                 temperature: float, generator: torch.Generator, top_p: float = 1.0, amp: bool = True) -> torch.Tensor:
     """Return one batch of maps (B, h, w) drawn position by position from :meth:`GatedPixelCNN.raster_logits`."""
     device = positions.device
     codes = torch.zeros(len(positions), *prior.map_size, dtype=torch.long, device=device)
     with autocast_context(device, amp):
         cond = prior.condition(positions, labels)
-        for i, j, logits in prior.raster_logits(codes, cond):
-            probs = torch.softmax(logits.float() / temperature, dim=1)
+        for i, j, logits in prior.raster_logits(codes, cond, positions):
+            probs = nucleus(torch.softmax(logits.float() / temperature, dim=1), top_p)
             codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return codes
 

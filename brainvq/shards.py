@@ -291,6 +291,16 @@ def shard_manifest(entries: list[dict], split_df: pd.DataFrame, metadata: Mappin
 # -------------------------------------------------------------------------------------------- reader
 
 
+def missing_shard_files(shards_dir: str | Path) -> list[str]:
+    """Return the files a shards folder should hold but lacks: the shards its manifest.json lists, or the manifest."""
+    shards_dir = Path(shards_dir)
+    try:
+        manifest = json.loads((shards_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ["manifest.json"]
+    return [entry["file"] for entry in manifest.get("shards", []) if not (shards_dir / entry["file"]).is_file()]
+
+
 def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
     """Return the ``{split}-NNN.h5`` shards of a shards folder, in order.
 

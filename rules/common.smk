@@ -6,10 +6,15 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from brainvq.config import check_startup
+from brainvq.shards import missing_shard_files
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
 from brainvq.sources import get_source
+from brainvq.workflow import rebuild_reason, request_rebuild
 
 validate(config, "../config/schema.yaml")
+# Everything the config alone decides (sizes vs downsampling, regexes, paths) stops the run here, before any job.
+check_startup(config)
 
 RUN = config["run"]
 RUN_DIR = f"{config['results_dir']}/{RUN}"
@@ -37,7 +42,8 @@ wildcard_constraints:
     scan=SCAN_KEY_PATTERN,
 
 
-PREPROCESS = config["preprocess"]
+# The preprocess section as the rules use it: skull_strip 'auto' resolved to the source's default.
+PREPROCESS = SOURCE.resolved_preprocess(config["preprocess"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -85,6 +91,19 @@ def raw_volume_files(wildcards):
     return {"volume": path}
 
 
+def skull_strip_files(wildcards):
+    """Input function (unpack): 'ras', the scan's RAS volume, and with skull_strip 'precomputed' its mask file
+    found beside the raw volume ('precomputed_mask', and 'precomputed_mask_pair' for an Analyze .img).
+    """
+    files = {"ras": out(f"ras/{wildcards.scan}.nii.gz")}
+    mask = scan_info(wildcards.scan).get("mask", "")
+    if PREPROCESS["skull_strip"] == "precomputed" and mask:
+        files["precomputed_mask"] = mask
+        if mask.lower().endswith(".hdr"):
+            files["precomputed_mask_pair"] = str(pair_paths(Path(mask))[1])
+    return files
+
+
 def brain_files(wildcards):
     """Input function (unpack): 'brain' and 'mask' of a scan, once the scan is known to be discovered.
 
@@ -96,3 +115,47 @@ def brain_files(wildcards):
         "brain": out(f"brain/{scan}.nii.gz"),
         "mask": out(f"brain/{scan}_mask.nii.gz"),
     }
+
+
+# Stage rules whose job reruns when one of its outputs is missing (or a folder of them incomplete) while
+# what was built from it exists: Snakemake alone would leave it missing (see request_rebuilds).
+REBUILT_STAGES = set()
+
+
+def rebuild_request(stage):
+    """Input function for the stage's own rule: its rebuild request file, once request_rebuilds wrote one."""
+    REBUILT_STAGES.add(stage)
+    path = out(f".rebuild/{stage}")
+    return lambda wildcards: [path] if os.path.exists(path) else []
+
+
+def static_paths(files):
+    """The plain paths among a rule's inputs or outputs (input functions left out)."""
+    return [str(f) for f in files if isinstance(f, str)]
+
+
+def request_rebuilds():
+    """Write a rebuild request for each stage in REBUILT_STAGES whose outputs are missing while a rule that
+    reads them has its outputs (e.g. split.csv deleted, shards present), or incomplete (a shard gone).
+
+    Snakemake regenerates a missing file only for a job that has to run, and with --until it only looks at
+    the until rule's own outputs, so such a file would stay missing. The request is an input of the stage
+    rule, newer than its outputs: the stage and what depends on it run again. Call once every rule is defined.
+    """
+    if not workflow.is_main_process:
+        return
+    plain = [r for r in workflow.rules if not r.has_wildcards()]
+    for stage in (r for r in plain if r.name in REBUILT_STAGES):
+        outputs = static_paths(stage.output)
+        consumers = [
+            static_paths(r.output)
+            for r in plain
+            if set(static_paths(r.input)) & set(outputs)
+        ]
+        reason = rebuild_reason(outputs, consumers, missing_shard_files)
+        if reason:
+            print(
+                f"brainvq: rebuilding {stage.name} and what depends on it: {reason}",
+                file=sys.stderr,
+            )
+            request_rebuild(out(f".rebuild/{stage.name}"), reason)

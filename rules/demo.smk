@@ -20,5 +20,7 @@ if SOURCE.kind == "generated":
             seed=config["demo"]["seed"],
             oasis_fraction=config["demo"]["oasis_fraction"],
             downsample=config["demo"]["downsample"],
+            # Each volume gets its true brain mask beside it (<name>_brainmask); a cohort built without them is redone.
+            brain_masks=True,
         script:
             "../workflow_scripts/demo_cohort.py"

@@ -3,6 +3,7 @@
 checkpoint discover_subjects:
     input:
         raw=raw_root(),
+        rebuild=rebuild_request("discover_subjects"),
     output:
         subjects=out("subjects.tsv"),
         participants=out("participants.tsv"),
@@ -17,6 +18,7 @@ checkpoint discover_subjects:
     params:
         source=SOURCE.name,
         on_error=PREPROCESS["on_error"],
+        qc=config["qc"],
         # Exactly what the source's discovery reads: an unrelated edit does not redo discovery.
         settings=SOURCE.discovery_settings(config),
     script:
@@ -44,7 +46,7 @@ rule reorient:
 
 rule skull_strip:
     input:
-        out("ras/{scan}.nii.gz"),
+        unpack(skull_strip_files),
     output:
         brain=out("brain/{scan}.nii.gz"),
         mask=out("brain/{scan}_mask.nii.gz"),
@@ -61,6 +63,8 @@ rule skull_strip:
         bet_fractional_threshold=PREPROCESS["bet_fractional_threshold"],
         bet_iterations=PREPROCESS["bet_iterations"],
         on_error=PREPROCESS["on_error"],
+        # A precomputed mask file is read as its volume is (Analyze headers carry no orientation).
+        orientation=lambda wildcards: scan_info(wildcards.scan)["orientation"],
     script:
         "../workflow_scripts/skull_strip.py"
 
@@ -79,6 +83,8 @@ rule slice_volume:
     threads: 1
     params:
         subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
+        raw=lambda wildcards: scan_info(wildcards.scan)["path"],
+        qc=config["qc"],
         source=SOURCE.name,
         # The whole section: its hash is stored in the file (config_hash), so any change reruns.
         preprocess=PREPROCESS,

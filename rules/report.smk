@@ -46,9 +46,14 @@ rule report:
             caption="../report/samples_vs_real.rst",
             category="Generation",
         ),
-        memorisation=report(
-            out("report/figures/memorisation.png"),
-            caption="../report/memorisation.rst",
+        sample_grid=report(
+            out("report/figures/sample_grid.png"),
+            caption="../report/sample_grid.rst",
+            category="Generation",
+        ),
+        copies=report(
+            out("report/figures/copies.png"),
+            caption="../report/copies.rst",
             category="Generation",
         ),
         anomaly_maps=report(

@@ -5,6 +5,7 @@ rule write_shards:
     input:
         split=out("split.csv"),
         slices=discovered_slice_files,
+        rebuild=rebuild_request("write_shards"),
     output:
         directory(out("shards")),
     log:
@@ -15,7 +16,7 @@ rule write_shards:
         "../envs/preprocess.yaml"
     threads: 1
     params:
-        preprocess=config["preprocess"],
+        preprocess=PREPROCESS,
         source=SOURCE.name,
     script:
         "../workflow_scripts/write_shards.py"

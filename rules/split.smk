@@ -8,6 +8,7 @@ rule split:
         participants=out("participants.tsv"),
         excluded=out("qc/excluded_inputs.csv"),
         slices=discovered_slice_files,
+        rebuild=rebuild_request("split"),
     output:
         split=out("split.csv"),
         excluded=out("qc/excluded.csv"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -23,6 +24,20 @@ def write_shard(path: Path, images, masks, scans, subjects, slice_index, slice_p
                     {"spacing_mm": 1.0, "size": images.shape[1], "source": "synthetic", "config_hash": "test",
                      "split": split})
     return path
+
+
+def t1_head(shape=(90, 100, 80), zooms=(2.0, 2.0, 2.0), dtype=np.int16, seed=0) -> nib.Nifti1Image:
+    """A plausible adult T1 for the QC gate: a noisy ellipsoid head (radii 70, 85, 65 mm, about 1,600 cm3)
+    on a background of low noise, centred, with scanner sform and qform."""
+    grid = (np.indices(shape) - (np.asarray(shape)[:, None, None, None] - 1) / 2) * np.reshape(zooms, (3, 1, 1, 1))
+    inside = ((grid / np.reshape([70, 85, 65], (3, 1, 1, 1))) ** 2).sum(0) < 1
+    rng = np.random.default_rng(seed)
+    data = np.where(inside, 600 + 200 * rng.standard_normal(shape), 20 + 5 * rng.standard_normal(shape))
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = -np.asarray(zooms) * (np.asarray(shape) - 1) / 2
+    img = nib.Nifti1Image(np.clip(data, 0, None).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    return img
 
 
 @pytest.fixture
@@ -120,6 +135,6 @@ def labelled_prior(tmp_path_factory):
     labels, positions = np.arange(64) % 2, rng.random(64)
     codes = 4 * labels[:, None, None] + 2 * (positions > 0.5)[:, None, None] + rng.integers(0, 2, (64, 6, 6))
     maps = as_maps(codes, positions, labels)
-    _, (model_path, _, _) = train_tiny_prior(tmp, maps, maps, 8, classes=["F", "M"], steps=60,
+    _, (model_path, _, _) = train_tiny_prior(tmp, maps, maps, 8, classes=["F", "M"], steps=100,
                                              condition_label="sex")
     return load_prior(model_path)

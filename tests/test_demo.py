@@ -16,6 +16,7 @@ import pytest
 from scipy import ndimage
 
 from brainvq import demo
+from brainvq.io import brain_mask_path, is_brain_mask_path
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 mm voxels (64x64x38 IXI-like grids, a 4 mm template): a few subjects build in seconds.
@@ -61,12 +62,17 @@ def test_same_seed_gives_identical_bytes_serial_or_parallel_and_another_seed_dif
     demo.build_demo_cohort(other, n_subjects=2, seed=8, oasis_fraction=0.5, downsample=TINY)
 
     assert tree_bytes(first) == tree_bytes(again)
-    first_volumes = sorted(first.rglob("*.nii.gz")) + sorted(first.rglob("*.img"))
-    other_volumes = sorted(other.rglob("*.nii.gz")) + sorted(other.rglob("*.img"))
+    first_volumes = volumes_in(first)
+    other_volumes = volumes_in(other)
     assert len(first_volumes) == len(other_volumes) == 2
     for a, b in zip(first_volumes, other_volumes):
         assert a.read_bytes() != b.read_bytes()
     assert (first / "participants.tsv").read_text() != (other / "participants.tsv").read_text()
+
+
+def volumes_in(root: Path) -> list[Path]:
+    """The cohort's volume files (NIfTI, Analyze .img), not their brain masks."""
+    return [p for p in sorted(root.rglob("*.nii.gz")) + sorted(root.rglob("*.img")) if not is_brain_mask_path(p)]
 
 
 def test_subject_parameters_do_not_depend_on_cohort_size():
@@ -91,8 +97,9 @@ def test_participants_tsv_has_the_documented_columns_and_one_row_per_volume(coho
 
 def test_files_follow_the_ixi_and_oasis1_raw_layouts(cohort):
     table = pd.read_csv(cohort / "participants.tsv", sep="\t", keep_default_na=False)
-    ixi_files = sorted((cohort / "IXI").iterdir())
+    ixi_files = [p for p in sorted((cohort / "IXI").iterdir()) if not is_brain_mask_path(p)]
     matches = [IXI_NAME.fullmatch(p.name) for p in ixi_files]
+    assert all(brain_mask_path(p).is_file() for p in ixi_files)
     assert all(matches) and len(matches) == 2
     sites = dict(zip(table["subject"], table["site"]))
     assert all(sites[m.group(1)] == m.group(2) for m in matches)  # site column agrees with the file name
@@ -100,6 +107,8 @@ def test_files_follow_the_ixi_and_oasis1_raw_layouts(cohort):
         raw = cohort / f"{subject}_MR1" / "RAW"
         assert (raw / f"{subject}_MR1_mpr-1_anon.hdr").is_file()
         assert (raw / f"{subject}_MR1_mpr-1_anon.img").is_file()
+        assert (raw / f"{subject}_MR1_mpr-1_anon_brainmask.hdr").is_file()
+        assert (raw / f"{subject}_MR1_mpr-1_anon_brainmask.img").is_file()
     assert not list(cohort.parent.glob(".cohort.tmp-*"))  # staging folder renamed away
 
 
@@ -139,7 +148,8 @@ def documented_orientation_image(path: Path) -> nib.Nifti1Image:
 def test_cohort_volumes_in_their_documented_orientation_match_the_subject_and_not_its_mirror_image(cohort):
     affine, shape = ras_grid()
     params = {p.subject: p for p in demo.cohort_params(4, seed=3, oasis_fraction=0.5)}
-    paths = sorted((cohort / "IXI").iterdir()) + sorted(cohort.glob("OAS1_*/RAW/*.hdr"))
+    paths = [p for p in sorted((cohort / "IXI").iterdir()) + sorted(cohort.glob("OAS1_*/RAW/*.hdr"))
+             if not is_brain_mask_path(p)]
     assert len(paths) == 4
     for path in paths:
         subject = next(s for s in params if path.name.startswith(s))
@@ -154,6 +164,25 @@ def test_cohort_volumes_in_their_documented_orientation_match_the_subject_and_no
         if path.suffix == ".hdr":  # trusting the Analyze header's default orientation instead goes wrong
             naive = nibabel.processing.resample_from_to(nib.load(path).slicer[..., 0], (shape, affine), order=1)
             assert np.corrcoef(naive.get_fdata().ravel(), truth.ravel())[0, 1] < match - 0.1
+
+
+def test_each_volume_has_its_true_brain_mask_beside_it_on_the_same_grid(cohort):
+    params = {p.subject: p for p in demo.cohort_params(4, seed=3, oasis_fraction=0.5)}
+    paths = [p for p in sorted((cohort / "IXI").iterdir()) + sorted(cohort.glob("OAS1_*/RAW/*.hdr"))
+             if not is_brain_mask_path(p)]
+    for path in paths:
+        subject = next(s for s in params if path.name.startswith(s))
+        volume, mask = documented_orientation_image(path), documented_orientation_image(brain_mask_path(path))
+        assert mask.shape == volume.shape and np.allclose(mask.affine, volume.affine)
+        values = np.asarray(mask.dataobj)
+        assert set(np.unique(values)) == {0, 1}
+        layout, affine = demo.subject_grid(params[subject], TINY)
+        assert np.array_equal(values.reshape(layout.shape) == 1,
+                              demo.subject_brain_mask(params[subject], affine, layout.shape, TINY))
+        brain_cm3 = values.sum() * np.prod(volume.header.get_zooms()[:3]) / 1000
+        assert 900 < brain_cm3 < 1900, f"{path.name}: {brain_cm3:.0f} cm3 is not an adult brain"
+        head = np.asarray(volume.dataobj) > 0.1 * np.asarray(volume.dataobj).max()
+        assert head.sum() > 1.3 * values.sum()  # the volume is the head; the mask is the brain inside it
 
 
 def test_ixi_writer_gives_real_ixi_geometry_and_its_affine_maps_voxels_back_to_the_input(tmp_path):
@@ -224,6 +253,22 @@ def test_atrophy_enlarges_csf_inside_the_brain_most_of_all_in_the_ventricles():
     assert csf_old.sum() > 1.15 * csf_young.sum()
     assert (csf_old & deep).sum() > 1.5 * (csf_young & deep).sum()
     assert not (csf_young & ~csf_old).any()  # atrophy only turns tissue into CSF
+
+
+def test_the_brain_mask_follows_the_deformation_the_volume_was_given(monkeypatch):
+    affine, shape = ras_grid()
+    params = replace(noise_free_subject(0.0), deformation_mm=6.0)
+    # Render the template's brain itself through the volume's own path (pose, size, deformation).
+    monkeypatch.setattr(demo, "head_intensities", lambda model, p: model.brain.astype(np.float32))
+    warped_brain = demo.subject_volume(params, affine, shape, TINY) > 0.5
+    mask = demo.subject_brain_mask(params, affine, shape, TINY)
+    undeformed = demo.subject_brain_mask(replace(params, deformation_mm=0.0), affine, shape, TINY)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice(mask, warped_brain) > 0.99
+    assert dice(undeformed, warped_brain) < dice(mask, warped_brain) - 0.02
 
 
 def test_older_demo_subjects_have_more_atrophy():

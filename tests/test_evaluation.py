@@ -13,11 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from brainvq import evaluation, reporting
+from brainvq.evaluation import anomaly as healing
 from brainvq.config import load_config
 from brainvq.measures.similarity import RECONSTRUCTION_METRICS
 from brainvq.measures.statistics import per_scan_means
+from brainvq.models.pixelcnn import GatedPixelCNN
 from brainvq.shards import read_slice_metadata
 from brainvq.sources import get_source
+from conftest import synthetic_brain_slices
 
 
 def noisy(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
@@ -50,6 +53,19 @@ def test_a_model_without_codebook_is_refused_with_the_fix():
         evaluation.vqvae_codebook_size(Continuous(), "vqvae/model.pt", "none")
 
 
+def test_healing_replaces_exactly_the_codes_the_prior_finds_unlikely():
+    images, _ = synthetic_brain_slices(6, 32, seed=3)
+    positions = np.linspace(0.3, 0.7, 6).astype(np.float32)
+    vqvae, prior = BlurryAutoencoder(), tiny_prior()
+    settings = {"batch_size": 4, "anomaly_heal_threshold": 0.07, "anomaly_heal_passes": 2}
+    codes, healed, replaced = healing.healed_codes(vqvae, prior, images, positions, None, "cpu", settings)
+    with torch.no_grad():
+        logits = prior(torch.as_tensor(codes), torch.as_tensor(positions))
+    own = torch.softmax(logits, 1).gather(1, torch.as_tensor(codes)[:, None])[:, 0].numpy()
+    assert (replaced == (own < 0.07)).all() and 0 < replaced.mean() < 1
+    assert (healed[~replaced] == codes[~replaced]).all() and (healed[replaced] != codes[replaced]).any()
+
+
 # ----------------------------------------------------------------------------------------------- output
 
 
@@ -70,7 +86,10 @@ def test_metrics_json_is_strict_and_written_completely(tmp_path):
 
 
 class BlurryAutoencoder:
-    """A stand-in VQ-VAE: reconstructs by 2x2 average pooling, features are 4x4-pooled intensities."""
+    """A stand-in VQ-VAE: reconstructs by 2x2 average pooling, features are 4x4-pooled intensities, and its codes
+    are the 4x4-pooled intensity in 16 levels."""
+
+    codebook_size = 16
 
     def eval(self):
         return self
@@ -81,6 +100,19 @@ class BlurryAutoencoder:
     def encode_features(self, x):
         pooled = F.avg_pool2d(x, 4)
         return torch.cat([pooled, pooled ** 2], dim=1)
+
+    def encode_indices(self, x):
+        return (F.avg_pool2d(x, 4)[:, 0] * 15).round().long().clamp(0, 15)
+
+    def decode_indices(self, indices):
+        return F.interpolate(indices.float()[:, None] / 15, scale_factor=4)
+
+
+def tiny_prior() -> GatedPixelCNN:
+    """A real (untrained, seeded) PixelCNN over the stand-in's 8x8 code maps."""
+    torch.manual_seed(0)
+    return GatedPixelCNN(codebook_size=16, channels=8, layers=2, cond_channels=4, map_size=(8, 8),
+                         head_channels=8).eval()
 
 
 def tiny_run(tmp_path, shards_dir):
@@ -106,7 +138,9 @@ def tiny_run(tmp_path, shards_dir):
     train = h5py.File(shards_dir / "train-000.h5", "r")["images"][()].astype(np.float32)
     with h5py.File(tmp_path / "samples.h5", "w") as f:
         images = np.concatenate([train[:2], noisy(train[10:16], 0.1)])  # two memorised samples
-        f["codes"] = np.zeros((8, 8, 8), np.int16)
+        sample_codes = rng.integers(0, 16, (8, 8, 8))
+        sample_codes[:2] = np.load(tmp_path / "codes" / "train" / "S00.npy")[:2]  # ... and their code maps
+        f["codes"] = sample_codes.astype(np.int16)
         f["images"] = images
         # The first two sit at their training originals' positions (0 and 1/7 in tiny_shards).
         f["slice_position"] = np.array([0, 1 / 7, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0], np.float32)
@@ -117,9 +151,14 @@ def tiny_run(tmp_path, shards_dir):
 
 def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path, tiny_shards):
     inputs = tiny_run(tmp_path, tiny_shards)
-    settings = load_config(overrides={"evaluate": {"anomaly_n_slices": 4, "anomaly_radius_fraction": [0.1, 0.15]}})
+    settings = load_config(overrides={"evaluate": {
+        "anomaly_n_slices": 8, "anomaly_heal_threshold": 0.07,
+        "anomaly_lesion_sizes": {"small": [0.1, 0.12], "large": [0.15, 0.2]}, "judge_image_px": 16, "c2st_epochs": 5,
+        "c2st_bootstrap": 50, "position_epochs": 3, "copies_calibration_maps": 8}})
     scorer = evaluation.PriorScorer(bits_per_code=lambda codes, positions, labels: 2.0, uniform_bits=math.log2,
-                                    unigram_bits=lambda train, test, k: 2.5, labels=lambda rows: None)
+                                    unigram_bits=lambda train, test, k: 2.5, labels=lambda rows: None,
+                                    bits_map=lambda codes, positions, labels: np.full(codes.shape, 2.0),
+                                    model=tiny_prior())
     result = evaluation.evaluate_run(inputs, BlurryAutoencoder(), scorer, codebook_size=16,
                                      settings=settings["evaluate"], source_defaults=get_source("demo").defaults,
                                      device="cpu")
@@ -132,16 +171,41 @@ def test_evaluate_run_scores_only_test_subjects_and_writes_every_output(tmp_path
     assert m["reconstruction"]["ssim_brain"]["over_subjects"]["n"] == 2
     assert m["reconstruction"]["ssim_brain"]["over_scans"]["n"] == 2
     assert m["codebook"]["codes_used"] == 8 and m["codebook"]["codebook_size"] == 16
-    assert m["prior"] == {"bits_per_code": 2.0, "uniform_bits_per_code": 4.0, "unigram_bits_per_code": 2.5,
-                          "n_test_maps": 16}
-    assert m["generation"]["memorisation"]["n_above_threshold"] >= 2
-    assert m["generation"]["frechet_distance"]["label"].startswith("FD (VQ-VAE encoder features")
-    assert m["generation"]["frechet_distance"]["samples_vs_test"] >= 0
-    assert m["probe"]["target"] == "atrophy>median" and m["probe"]["codes"]["n_test"] == 2
-    assert m["anomaly"]["pixel_auroc"] is not None and m["anomaly"]["n_slices"] == 4
+    prior = m["prior"]
+    assert (prior["bits_per_code"], prior["bits_per_code_brain"], prior["uniform_bits_per_code"],
+            prior["unigram_bits_per_code"], prior["n_test_maps"]) == (2.0, 2.0, 4.0, 2.5, 16)
+    # Codes 0-3 or 4-7, drawn uniformly per scan: the per-location tables cost about log2(8) = 3 bits.
+    assert 2.5 < prior["per_location_unigram_bits_per_code"] < 4.0
+    assert prior["brain"]["uniform_bits_per_code"] == 4.0 and 0 < prior["brain_code_share"] < 1
+    generation = m["generation"]
+    assert set(generation["c2st"]) == {"samples_vs_reconstructions", "samples_vs_real", "reconstructions_vs_real"}
+    assert all(0 <= pair["auroc"] <= 1 for pair in generation["c2st"].values())
+    assert generation["position_error"]["samples"] >= 0 and generation["position_error"]["real"] >= 0
+    assert generation["copies"]["n_flagged"] >= 2  # the two copied training maps
+    assert generation["copies"]["real_test"]["n"] == 8
+    assert generation["controls"]["training_maps"]["copies"]["share_flagged"] == 1.0
+    assert generation["features"]["label"].startswith("position-regressor features")
+    assert generation["frechet_distance_vqvae"]["label"].startswith("FD (VQ-VAE encoder features")
+    assert generation["frechet_distance_vqvae"]["samples_vs_test"] >= 0
+    assert 0 < m["reconstruction"]["ssim"]["over_subjects"]["mean_ci95"][0] <= m["reconstruction"]["ssim"][
+        "over_subjects"]["mean"] <= m["reconstruction"]["ssim"]["over_subjects"]["mean_ci95"][1] < 1
+    probe = m["probe"]  # every subject of the run, train and test: 4 of each class
+    assert probe["target"] == "atrophy>median" and probe["n_subjects"] == 8
+    assert probe["n_per_class"] == {"negative": {"subjects": 4, "scans": 4}, "positive": {"subjects": 4, "scans": 4}}
+    assert probe["auroc"] == 1.0 and probe["p_value"] < 0.1 and probe["auroc_ci"][1] == 1.0  # two code dialects
+    assert probe["raw_images"]["auroc"] is not None and probe["site_only"] is None  # no site column here
+    anomaly = m["anomaly"]
+    assert anomaly["lesions"]["n_slices"] == 8
+    assert set(anomaly) >= {"vqvae_residual", "healed", "healed_masked", "mean_slice", "zscore"}
+    for method in ("vqvae_residual", "healed", "healed_masked", "mean_slice", "zscore"):
+        assert all(anomaly[method][key] is not None for key in ("auroc", "auprc", "dice"))
+        assert set(anomaly[method]["by_lesion"]) == {"bright_small", "bright_large", "dark_small", "dark_large"}
+    assert 0 < anomaly["healing"]["replaced_code_share"] < 1
+    assert m["preprocess"] == {"pixel_mm": None, "mask_kind": None, "skull_strip": None, "size": 32}
     assert list(result.figures["examples_label"]) == ["best", "median", "worst"]
     assert set(reporting.FIGURE_ARRAYS) <= set(result.figures)  # everything the report draws
     assert result.figures["samples_images"].shape[:2] == (6, 3)  # 6 of the 8 distinct sample positions
+    assert result.figures["anomaly_method_scores"].shape == (5, 4, 32, 32)
 
     outputs = [tmp_path / "eval" / n for n in ("metrics.json", "per_scan.csv", "per_slice.csv", "figures.npz")]
     evaluation.write_evaluation(result, *outputs)

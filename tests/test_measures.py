@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-from brainvq.measures import anomaly, codebook, distributions, memorisation, probe, similarity, statistics
+from brainvq.measures import anomaly, codebook, distributions, probe, similarity, statistics
 from conftest import REPO, synthetic_brain_slices
 
 
@@ -169,31 +170,6 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_mean_shift():
 # ------------------------------------------------------------------------------------------ generation
 
 
-def test_memorisation_flags_an_exact_copy_of_a_training_slice():
-    train, _ = synthetic_brain_slices(12, 32, seed=4)
-    positions = np.linspace(0, 1, 12)
-    novel = noisy(np.full((32, 32), 0.5, np.float32), 0.2)
-    samples = np.stack([train[5], novel])
-    highest = memorisation.highest_ssim_to_references(samples, np.array([positions[5], positions[5]]),
-                                                      [(train[:6], positions[:6]), (train[6:], positions[6:])],
-                                                      window=0.2, top_k=2)
-    assert highest[0] == pytest.approx(1.0)
-    assert highest[1] < 0.5
-    summary = memorisation.memorisation_summary(highest, threshold=0.95)
-    assert summary["share_above_threshold"] == 0.5 and summary["n_above_threshold"] == 1
-
-
-def test_memorisation_only_searches_training_slices_near_the_sample_position():
-    train, _ = synthetic_brain_slices(4, 32, seed=5)
-    positions = np.array([0.0, 0.1, 0.9, 1.0])
-    highest = memorisation.highest_ssim_to_references(train[[3]], np.array([0.05]), [(train, positions)],
-                                                      window=0.1, top_k=4)
-    assert highest[0] < 0.99  # its copy sits at position 1.0, outside the window
-    lonely = memorisation.highest_ssim_to_references(train[[3]], np.array([0.5]), [(train, positions)],
-                                                     window=0.1, top_k=4)
-    assert np.isnan(lonely[0])
-
-
 def test_identical_samples_have_no_diversity_and_varied_slices_some():
     images, _ = synthetic_brain_slices(4, 64, seed=6)
     assert distributions.mean_pairwise_ms_ssim(np.repeat(images[:1], 4, 0), max_pairs=10, seed=0) == pytest.approx(1.0)
@@ -210,33 +186,86 @@ def test_matched_real_slices_lie_within_the_window_and_are_not_reused_while_othe
 
 # ----------------------------------------------------------------------------------------------- probe
 
+PROBE_SETTINGS = {"probe_cv_folds": 5, "probe_n_penalties": 6, "probe_permutations": 200,
+                  "bootstrap_resamples": 300, "seed": 0}
 
-def probe_data(n: int, separable: bool, seed: int):
+
+def probe_data(n: int, shift: float, seed: int, d: int = 16):
     rng = np.random.default_rng(seed)
-    y = np.arange(n) % 2
-    x = rng.normal(size=(n, 8)) + (3.0 * y[:, None] if separable else 0)
+    y = rng.permutation(np.arange(n) % 2)
+    x = rng.normal(size=(n, d))
+    x[:, 0] += shift * y
     return x, y
 
 
-def test_probe_is_near_chance_on_shuffled_labels():
-    x, y = probe_data(400, separable=True, seed=0)
-    y = np.random.default_rng(1).permutation(y)
-    result = probe.probe_auroc(x[:200], y[:200], x[200:], y[200:], np.arange(200), cv_folds=3, n_cs=4, seed=0)
-    assert abs(result["auroc"] - 0.5) < 0.12
+def test_probe_p_value_is_uniform_on_shuffled_labels():
+    p_values = []
+    for seed in range(20):
+        x, y = probe_data(40, shift=0.0, seed=seed)
+        p_values.append(probe.probe_result(x, y, np.arange(40), None, PROBE_SETTINGS)["p_value"])
+    assert sum(p < 0.05 for p in p_values) <= 2
+    assert 0.3 < np.median(p_values) < 0.7  # not piled up at either end
 
 
-def test_probe_is_near_perfect_on_a_separable_toy():
-    x, y = probe_data(80, separable=True, seed=2)
-    result = probe.probe_auroc(x[:40], y[:40], x[40:], y[40:], np.arange(40), cv_folds=3, n_cs=4, seed=0)
-    assert result["auroc"] > 0.95 and result["reason"] is None and result["C"] > 0
+def test_probe_finds_a_real_signal_with_a_small_p_value_and_an_interval_around_it():
+    x, y = probe_data(60, shift=3.0, seed=1)
+    result = probe.probe_result(x, y, np.arange(60), None, PROBE_SETTINGS)
+    assert result["auroc"] > 0.9 and result["p_value"] < 0.01 and result["folds"] == 5
+    low, high = result["auroc_ci"]
+    assert low < result["auroc"] <= high <= 1 and low > 0.75
+    assert result["permuted"] == "subject" and result["n_permutations"] == 200
 
 
-def test_probe_reports_undefined_auroc_with_a_reason_for_a_single_class_test_set():
-    x, y = probe_data(40, separable=True, seed=3)
-    result = probe.probe_auroc(x[:30], y[:30], x[30:], np.ones(10, int), np.arange(30), cv_folds=3, n_cs=4, seed=0)
-    assert result["auroc"] is None and "one class" in result["reason"]
-    result = probe.probe_auroc(x[:30], np.ones(30, int), x[30:], y[30:], np.arange(30), cv_folds=3, n_cs=4, seed=0)
-    assert result["auroc"] is None and "0 negative" in result["reason"]
+def test_probe_folds_keep_each_subject_whole_and_give_every_fold_both_classes():
+    subjects = np.repeat([f"S{i:02d}" for i in range(20)], 3)  # three scans per subject
+    labels = np.repeat(np.arange(20) % 2, 3)
+    folds = probe.subject_folds(subjects, labels, 4, seed=0)
+    for subject in set(subjects):
+        assert len(set(folds[subjects == subject])) == 1
+    for fold in range(4):
+        assert set(labels[folds == fold]) == {0, 1}
+
+
+def test_permuting_within_sites_gives_no_credit_to_a_probe_that_only_sees_the_site():
+    rng = np.random.default_rng(0)
+    site = np.repeat(["A", "B"], 20)
+    y = (site == "B").astype(int)  # the target is the site
+    x = np.column_stack([y + 0.1 * rng.normal(size=40), rng.normal(size=(40, 4))])
+    free = probe.probe_result(x, y, np.arange(40), None, PROBE_SETTINGS)
+    within = probe.probe_result(x, y, np.arange(40), site, PROBE_SETTINGS)
+    assert free["auroc"] == within["auroc"] > 0.95
+    assert free["p_value"] < 0.01 and within["p_value"] == 1.0
+
+
+def test_permutations_move_whole_subjects_within_their_stratum():
+    subjects = np.repeat(np.arange(12), 2)
+    labels = np.repeat(np.arange(12) % 2, 2)
+    strata = np.repeat(np.arange(12) // 6, 2)
+    matrix, unit = probe.permuted_labels(labels, subjects, strata, 50, seed=0)
+    assert unit == "subject" and matrix.shape == (24, 51) and (matrix[:, 0] == labels).all()
+    assert (matrix[0::2] == matrix[1::2]).all()  # a subject's two scans keep one label
+    for stratum in (0, 1):
+        assert (matrix[strata == stratum].sum(axis=0) == labels[strata == stratum].sum()).all()
+
+
+def test_probe_is_undefined_with_a_reason_when_a_class_has_too_few_subjects():
+    x, _ = probe_data(20, shift=0.0, seed=3)
+    y = np.zeros(20, int)
+    y[:2] = 1
+    result = probe.probe_result(x, y, np.arange(20), None, PROBE_SETTINGS)
+    assert result["auroc"] is None and result["p_value"] is None and "2 positive" in result["reason"]
+
+
+def test_weighted_and_column_aurocs_equal_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 6, 50).astype(float), rng.integers(0, 2, 50)  # ties on purpose
+    weights = rng.integers(0, 3, (5, 50))
+    expected = [roc_auc_score(labels, scores, sample_weight=w) for w in weights]
+    assert np.allclose(probe.weighted_auroc(scores, labels, weights), expected)
+    assert probe.auroc_columns(scores[:, None], labels[:, None])[0] == pytest.approx(roc_auc_score(labels, scores))
+    assert probe.auroc_columns(-scores[:, None], labels[:, None])[0] == pytest.approx(1 - roc_auc_score(labels, scores))
 
 
 def test_probe_targets_parse_and_use_the_training_median():
@@ -256,24 +285,145 @@ def test_probe_targets_parse_and_use_the_training_median():
         probe.parse_probe_target("cdr >= 0")
 
 
+# ------------------------------------------------------------------------------------------ intervals
+
+
+def test_intervals_resample_subjects_not_slices():
+    # Two subjects of 100 slices each, all 0 or all 1: resampling slices would give a narrow interval around 0.5.
+    values = np.repeat([0.0, 1.0], 100)
+    subjects = np.repeat(["A", "B"], 100)
+    low, high = statistics.bootstrap_mean_interval(values, subjects, n_resamples=200, seed=0)
+    assert low == 0.0 and high == 1.0
+
+
+def test_intervals_cover_the_mean_and_narrow_with_more_subjects():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (10, 200):
+        values = rng.normal(0.8, 0.05, n)
+        low, high = statistics.bootstrap_mean_interval(values, np.arange(n), n_resamples=500, seed=0)
+        assert low < values.mean() < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    assert statistics.bootstrap_mean_interval([np.nan, np.nan], ["A", "B"], 100, 0) is None
+
+
+def test_summaries_carry_a_subject_interval_of_the_mean():
+    per_slice = pd.DataFrame({"subject": np.repeat(["A", "B", "C"], 4), "ssim": np.repeat([0.5, 0.7, 0.9], 4)})
+    summary = statistics.summaries_by_unit(["ssim"], 200, 0, over_slices=per_slice)
+    low, high = summary["ssim"]["over_slices"]["mean_ci95"]
+    assert 0.5 <= low < summary["ssim"]["over_slices"]["mean"] < high <= 0.9
+    assert "mean_ci95" not in statistics.summaries_by_unit(["ssim"], over_slices=per_slice)["ssim"]["over_slices"]
+
+
 # --------------------------------------------------------------------------------------------- anomaly
 
+SIZES = {"small": [0.05, 0.06], "large": [0.12, 0.14]}
 
-def test_anomaly_auroc_is_high_for_an_obvious_lesion_with_a_perfect_reconstructor():
-    images, masks = synthetic_brain_slices(4, 48, seed=7)
-    lesioned, lesions = anomaly.insert_synthetic_lesions(images, masks, seed=0, radius_fraction=(0.08, 0.12),
-                                                         amplitude=0.5)
+
+def uniform_tissue(n: int, size: int, tissue: float):
+    """Slices whose brain (a centred disc) is one intensity: the lesion's local contrast can be read exactly."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = np.hypot(yy - size / 2, xx - size / 2) < size * 0.4
+    return np.where(mask, tissue, 0.0)[None].repeat(n, 0).astype(np.float32), mask[None].repeat(n, 0)
+
+
+def test_lesions_keep_their_local_contrast_in_both_directions_and_every_size():
+    types = anomaly.lesion_types(SIZES)
+    assert [t.name for t in types] == ["bright_small", "bright_large", "dark_small", "dark_large"]
+    images, masks = uniform_tissue(8, 64, tissue=0.5)
+    lesioned, lesions, kinds, contrast = anomaly.insert_lesions(images, masks, types, contrast=0.3, seed=0)
+    assert kinds.tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and np.allclose(contrast, 0.3)
+    for i in range(8):
+        core = lesions[i] & (ndimage.binary_erosion(lesions[i], iterations=1))
+        expected = 0.5 * (1 + 0.3 * types[kinds[i]].polarity)
+        assert np.allclose(lesioned[i][core], expected, atol=1e-6)
+        away = ~ndimage.binary_dilation(lesions[i], iterations=2)
+        assert (lesioned[i][away] == images[i][away]).all()
+        radius = np.sqrt(lesions[i].sum() / np.pi) / 64
+        low, high = types[kinds[i]].radius_fraction
+        assert low - 0.01 < radius < high + 0.01
+    assert lesions[kinds == 1].sum() > 3 * lesions[kinds == 0].sum()  # large lesions are larger
+
+
+def test_lesions_never_clip_even_on_bright_textured_tissue():
+    images, masks = synthetic_brain_slices(12, 64, seed=1)
+    bright, _ = uniform_tissue(4, 64, tissue=0.9)
+    images = np.concatenate([images, bright])
+    masks = np.concatenate([masks, bright > 0])
+    types = anomaly.lesion_types(SIZES)
+    lesioned, lesions, kinds, contrast = anomaly.insert_lesions(images, masks, types, contrast=0.5, seed=2)
+    assert lesioned.min() >= 0 and lesioned.max() <= 1
+    new_at_bounds = ((lesioned == 1) | (lesioned == 0)) & (lesioned != images)
+    assert not new_at_bounds.any()  # no lesion pixel is pushed onto 0 or 1
+    bright_on_bright = [i for i in range(12, 16) if types[kinds[i]].polarity > 0]
+    assert all(contrast[i] < 0.5 for i in bright_on_bright)  # too little room: less contrast, recorded
+    assert all(lesioned[i][lesions[i]].max() < 1 for i in bright_on_bright)
+
+
+def test_model_free_baselines_give_the_known_result_on_a_constructed_case():
+    size = 8
+    low, high = np.full((1, size, size), 0.2, np.float32), np.full((1, size, size), 0.6, np.float32)
+    # Bin 0 (positions < 0.5) holds one slice of 0.2 and one of 0.6; bin 1 is empty and borrows bin 0.
+    atlas = anomaly.position_atlas([(low, [0.1]), (high, [0.3])], n_bins=2)
+    assert atlas.count.tolist() == [2, 0]
+    assert np.allclose(atlas.mean, 0.4) and np.allclose(atlas.std, 0.2)
+    x = np.full((2, size, size), 0.4, np.float32)
+    x[:, 0, 0] = 1.0
+    positions = np.array([0.2, 0.9])
+    assert np.allclose(anomaly.mean_slice_scores(x, positions, atlas)[:, 0, 0], 0.6)
+    assert np.allclose(anomaly.mean_slice_scores(x, positions, atlas)[:, 1:], 0.0)
+    assert np.allclose(anomaly.zscore_scores(x, positions, atlas, min_std=0.01)[:, 0, 0], 3.0)
+    assert np.allclose(anomaly.zscore_scores(x, positions, atlas, min_std=0.5)[:, 0, 0], 1.2)  # the floor
+
+
+def test_healing_replaces_exactly_the_codes_below_the_threshold_with_the_most_likely_code():
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.full(16, 0.3), size=(3, 5, 5)).transpose(0, 3, 1, 2)  # (N, K, h, w)
+    codes = rng.integers(0, 16, (3, 5, 5))
+    replaced = anomaly.unlikely_codes(codes, probabilities, threshold=0.05)
+    own = np.take_along_axis(probabilities, codes[:, None], axis=1)[:, 0]
+    assert (replaced == (own < 0.05)).all() and 0 < replaced.sum() < replaced.size
+    healed = anomaly.most_likely_fill(codes, probabilities, replaced)
+    assert (healed[~replaced] == codes[~replaced]).all()
+    assert (healed[replaced] == probabilities.argmax(axis=1)[replaced]).all()
+    assert (healed[replaced] != codes[replaced]).all()  # threshold < 1/K: a replaced code was never the likeliest
+
+
+def test_replaced_code_mask_is_upsampled_to_the_image():
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 1, 2] = True
+    image_mask = anomaly.upsampled_mask(mask, (16, 16), sigma_px=0)
+    assert image_mask.shape == (1, 16, 16) and image_mask[0, 4:8, 8:12].all() and image_mask.sum() == 16
+
+
+def test_detection_scores_are_perfect_for_the_truth_and_chance_for_noise():
+    images, masks = synthetic_brain_slices(6, 48, seed=7)
+    _, lesions, _, _ = anomaly.insert_lesions(images, masks, anomaly.lesion_types(SIZES), 0.3, seed=0)
+    perfect = anomaly.detection_scores(lesions.astype(float), lesions, masks)
+    assert perfect["auroc"] == perfect["auprc"] == perfect["dice"] == 1.0
+    noise = anomaly.detection_scores(np.random.default_rng(0).random(masks.shape), lesions, masks)
+    share = noise["lesion_share"]
+    assert abs(noise["auroc"] - 0.5) < 0.05 and noise["auprc"] < 2 * share and noise["dice"] < 4 * share
+    inverted = anomaly.detection_scores(-lesions.astype(float), lesions, masks)
+    assert inverted["auroc"] == 0.0 and inverted["auprc"] < 2 * share
+
+
+def test_a_perfect_reconstructor_finds_the_lesions_and_a_copycat_does_not():
+    images, masks = synthetic_brain_slices(8, 48, seed=7)
+    lesioned, lesions, _, _ = anomaly.insert_lesions(images, masks, anomaly.lesion_types(SIZES), 0.5, seed=0)
     assert lesions.any(axis=(1, 2)).all() and not (lesions & ~masks).any()
     assert (np.abs(lesioned - images)[~masks] == 0).all()
-    perfect = anomaly.anomaly_score_maps(lesioned, images, sigma_px=1.0)
-    assert anomaly.pixel_auroc(perfect, lesions, masks) > 0.95
-    copycat = anomaly.anomaly_score_maps(lesioned, lesioned, sigma_px=1.0)  # reproduces the lesion: no signal
-    assert anomaly.pixel_auroc(copycat, lesions, masks) == pytest.approx(0.5)
+    perfect = anomaly.detection_scores(anomaly.anomaly_score_maps(lesioned, images, 1.0), lesions, masks)
+    assert perfect["auroc"] > 0.95 and perfect["auprc"] > 0.6
+    copycat = anomaly.detection_scores(anomaly.anomaly_score_maps(lesioned, lesioned, 1.0), lesions, masks)
+    assert copycat["auroc"] == pytest.approx(0.5) and copycat["auprc"] == pytest.approx(copycat["lesion_share"])
 
 
-def test_pixel_auroc_is_undefined_without_lesion_pixels():
+def test_detection_scores_are_undefined_without_lesion_pixels():
     _, masks = synthetic_brain_slices(1, 32, seed=0)
-    assert anomaly.pixel_auroc(np.ones(masks.shape), np.zeros(masks.shape, bool), masks) is None
+    scores = anomaly.detection_scores(np.ones(masks.shape), np.zeros(masks.shape, bool), masks)
+    assert scores["auroc"] is None and scores["auprc"] is None and scores["dice"] is None
 
 
 # ---------------------------------------------------------------------------------------------- purity

@@ -18,6 +18,7 @@ from brainvq.io import load_volume
 from brainvq.preprocessing import (
     EmptyMaskError,
     PreprocessingError,
+    mask_on_grid,
     n4_bias_correct,
     normalised_slices,
     reorient_to_ras,
@@ -170,6 +171,31 @@ def test_skull_strip_precomputed_uses_nonzero_voxels():
     brain, mask = skull_strip(nib.Nifti1Image(data, np.eye(4)), "precomputed")
     assert np.array_equal(np.asarray(mask.dataobj) == 1, data > 0)
     assert np.array_equal(brain.get_fdata(), data)
+
+
+def test_a_precomputed_mask_read_like_its_volume_lands_on_the_brain_of_the_ras_volume(tmp_path):
+    img, brain = synthetic_head(n=24)
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, :6] = data[:9] = 5.0  # no brain low or on one side: a flip of either axis would show
+    brain[:, :, :6] = brain[:9] = False
+    # Volume and mask stored alike, as the demo's OASIS-like pairs: Analyze, LAS voxel order, 4 mm, no orientation.
+    las = ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(("L", "A", "S")))
+    paths = {}
+    for name, values in (("scan", data), ("scan_brainmask", brain.astype(np.float32))):
+        stored = nib.AnalyzeImage(nib.orientations.apply_orientation(values, las).astype(np.int16), None)
+        stored.header.set_zooms((4.0, 4.0, 4.0))
+        paths[name] = tmp_path / f"{name}.hdr"
+        nib.save(stored, paths[name])
+    ras = resample_isotropic(reorient_to_ras(load_volume(paths["scan"], "LAS")), 2.0)
+    on_grid = mask_on_grid(load_volume(paths["scan_brainmask"], "LAS"), ras)
+    truth = mask_on_grid(nib.Nifti1Image(brain.astype(np.float32), img.affine), resample_isotropic(img, 2.0))
+    assert on_grid.shape == truth.shape and (on_grid == truth).mean() > 0.99 and on_grid.any()
+    stripped, mask = skull_strip(ras, "precomputed", precomputed_mask=on_grid)
+    assert np.array_equal(np.asarray(mask.dataobj) == 1, on_grid)
+    brain_values = stripped.get_fdata()
+    assert brain_values[~on_grid].max() == 0 and np.median(brain_values[on_grid]) > 90  # brain kept, scalp gone
+    _, head = skull_strip(ras, "precomputed")  # no mask file: voxels > 0, the whole noisy field of view
+    assert np.asarray(head.dataobj).sum() > 3 * on_grid.sum()
 
 
 @pytest.mark.parametrize("method, data", [("precomputed", -np.ones((6, 6, 6))), ("none", np.full((6, 6, 6), 3.0))])
@@ -369,7 +395,7 @@ def test_preprocess_rules_slice_a_local_folder_and_redo_only_new_scans(tmp_path)
     workflow = copy_workflow(tmp_path / "wf")
     raw = workflow / "raw"
     raw.mkdir()
-    head, _ = synthetic_head(n=24, voxel_mm=4.0)
+    head, _ = synthetic_head(n=24, voxel_mm=6.0)  # 144 mm across, 1,000 cm3 of head: it passes the QC gate
     write_as_nifti(head, raw / "sub01.nii.gz")
     write_as_big_endian_analyze(reoriented(head, "LAS"), raw / "sub02_MR1.hdr")
     # All-negative: precomputed skull stripping finds no brain, which on_error: skip turns into an exclusion.

@@ -37,28 +37,81 @@ window.addEventListener("load", () => {
 """
 
 
-def tiny_metrics(probe_auroc=None) -> dict:
-    stats = {"over_slices": {"mean": 0.81, "median": 0.82, "p5": 0.7, "n": 16},
-             "over_scans": {"mean": 0.805, "median": 0.805, "p5": 0.795, "n": 2},
-             "over_subjects": {"mean": 0.8, "median": 0.8, "p5": 0.79, "n": 2}}
+def detection(auroc: float) -> dict:
+    return {"auroc": auroc, "auprc": auroc / 4, "dice": auroc / 3, "lesion_share": 0.02}
+
+
+def tiny_anomaly() -> dict:
+    types = ["bright_small", "bright_large", "dark_small", "dark_large"]
+    methods = {"vqvae_residual": 0.8, "healed": 0.85, "healed_masked": 0.9, "mean_slice": 0.7, "zscore": 0.75}
+    anomaly = {method: {**detection(value), "by_lesion": {t: detection(value - 0.01 * k) for k, t in enumerate(types)}}
+               for method, value in methods.items()}
+    anomaly["healing"] = {"replaced_code_share": 0.031, "threshold": 0.01, "passes": 2}
+    anomaly["lesions"] = {"types": types, "n_slices": 8, "contrast": 0.3, "smoothing_sigma_px": 1.9}
+    return anomaly
+
+
+def tiny_probe(probe_auroc) -> dict:
+    reason = None if probe_auroc else ("3 negative and 2 positive subjects; grouped cross-validation with an inner "
+                                       "fold needs at least 3 of each")
+    codes = {"auroc": probe_auroc, "auroc_ci": [0.61, 0.93] if probe_auroc else None,
+             "p_value": 0.004 if probe_auroc else None, "n_permutations": 1000, "folds": 5, "reason": reason}
+    return {"target": "atrophy>median", "meaning": "1 = atrophy > 0.75", "n_scans_without_label": 0,
+            "n_subjects": 24, "n_scans": 24, "permuted_within": "site",
+            "n_per_class": {"negative": {"subjects": 12, "scans": 12}, "positive": {"subjects": 12, "scans": 12}},
+            "codes": codes, **{k: codes[k] for k in ("auroc", "auroc_ci", "p_value", "reason")},
+            "raw_images": {"auroc": 0.6, "auroc_ci": [0.4, 0.8], "p_value": 0.2, "n_permutations": 1000, "folds": 5,
+                           "reason": None},
+            "site_only": {"auroc": 0.55, "auroc_ci": [0.5, 0.7], "p_value": 0.3, "n_permutations": 1000, "folds": 5,
+                          "reason": None}}
+
+
+def tiny_metrics(probe_auroc=None, mask_kind="brain") -> dict:
+    stats = {"over_slices": {"mean": 0.81, "median": 0.82, "p5": 0.7, "n": 16, "mean_ci95": [0.79, 0.83]},
+             "over_scans": {"mean": 0.805, "median": 0.805, "p5": 0.795, "n": 2, "mean_ci95": [0.79, 0.82]},
+             "over_subjects": {"mean": 0.8, "median": 0.8, "p5": 0.79, "n": 2, "mean_ci95": [0.79, 0.81]}}
     return {
+        "preprocess": {"pixel_mm": 1.875, "mask_kind": mask_kind, "size": 32},
         "n_test_scans": 2, "n_test_subjects": 2, "n_test_slices": 16, "ms_ssim_window_px": 7,
         "reconstruction": {key: stats for key in reporting.RECONSTRUCTION_MEANINGS},
         "codebook": {"codebook_size": 16, "codes_used": 9, "usage_fraction": 0.5625, "perplexity": 7.2},
-        "prior": {"bits_per_code": 2.1, "uniform_bits_per_code": 4.0, "unigram_bits_per_code": 3.2, "n_test_maps": 16},
-        "generation": {"n_samples": 8,
-                       "diversity": {"samples_mean_pairwise_ms_ssim": 0.31, "real_mean_pairwise_ms_ssim": 0.35},
-                       "memorisation": {"threshold": 0.95, "share_above_threshold": 0.125, "n_above_threshold": 1,
-                                        "highest_ssim": {"mean": 0.7, "median": 0.72, "p5": 0.5, "n": 8}},
-                       "frechet_distance": {"label": "FD (VQ-VAE encoder features; not comparable to FID)",
-                                            "samples_vs_test": 0.4, "train_vs_test": 0.1, "n": 8}},
-        "probe": {"target": "atrophy>median", "meaning": "1 = atrophy > 0.75", "n_scans_without_label": 0,
-                  "codes": {"auroc": probe_auroc, "reason": None if probe_auroc else
-                            "all 2 test scans have label 1; AUROC is undefined with one class"},
-                  "raw_images": {"auroc": 0.6, "reason": None}},
-        "anomaly": {"pixel_auroc": 0.88, "reason": None, "n_slices": 4, "smoothing_sigma_px": 1.9},
+        "prior": {"bits_per_code": 2.1, "bits_per_code_brain": 3.3, "uniform_bits_per_code": 4.0,
+                  "unigram_bits_per_code": 3.2, "per_location_unigram_bits_per_code": 2.9,
+                  "per_location_position_bin_unigram_bits_per_code": 2.8,
+                  "brain": {"uniform_bits_per_code": 4.0, "unigram_bits_per_code": 3.9,
+                            "per_location_unigram_bits_per_code": 3.8,
+                            "per_location_position_bin_unigram_bits_per_code": 3.7}, "n_test_maps": 16},
+        "generation": tiny_generation_metrics(),
+        "probe": tiny_probe(probe_auroc),
+        "anomaly": tiny_anomaly(),
         "software": {"python": "3.11.9", "torch": "2.13.0", "cuda_device": None},
     }
+
+
+def judged(auroc: float, position_error: float, share_flagged: float) -> dict:
+    """What judge_samples writes for one set of samples (or a control)."""
+    return {"n": 8, "c2st": {"samples_vs_reconstructions": {"auroc": auroc, "ci95": [auroc - 0.1, auroc + 0.05],
+                                                             "folds": 2}},
+            "position_error": {"samples": position_error},
+            "features": {"frechet_distance": 1.5, "precision": 0.6, "recall": 0.5, "k": 3},
+            "copies": {"share_flagged": share_flagged, "nearest_hamming": {"median": 0.3},
+                       "thresholds": {"hamming": 0.1, "ssim": 0.92}}}
+
+
+def tiny_generation_metrics() -> dict:
+    metrics = judged(0.62, 0.08, 0.0)
+    metrics["c2st"]["samples_vs_real"] = {"auroc": 0.81, "ci95": [0.7, 0.9], "folds": 2}
+    metrics["c2st"]["reconstructions_vs_real"] = {"auroc": 0.77, "ci95": [0.66, 0.88], "folds": 2}
+    metrics["position_error"].update({"real": 0.06, "chance": 0.25})
+    metrics["features"].update({"label": "position-regressor features", "train_vs_test": {
+        "frechet_distance": 0.9, "precision": 0.8, "recall": 0.7}})
+    metrics["copies"]["real_test"] = {"share_flagged": 0.0, "nearest_hamming": {"median": 0.35}}
+    metrics["diversity"] = {"samples_mean_pairwise_ms_ssim": 0.31, "real_mean_pairwise_ms_ssim": 0.35}
+    metrics["frechet_distance_vqvae"] = {"label": "FD (VQ-VAE encoder features; not comparable to FID)",
+                                         "samples_vs_test": 0.4, "train_vs_test": 0.1, "n": 8}
+    metrics["controls"] = {"training_maps": judged(0.52, 0.06, 1.0), "shuffled_maps": judged(0.999, 0.24, 0.0),
+                           "uniform_codes": judged(1.0, 0.3, 0.0), "copies_mixed": judged(0.6, 0.08, 0.125)}
+    return metrics
 
 
 def png_of(image: np.ndarray, path: Path) -> Path:
@@ -70,7 +123,7 @@ def png_of(image: np.ndarray, path: Path) -> Path:
     return path
 
 
-def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInputs:
+def tiny_report_inputs(tmp_path: Path, probe_auroc=None, mask_kind="brain") -> reporting.ReportInputs:
     images, masks = synthetic_brain_slices(6, 32, seed=0)
     recon = np.clip(images + 0.05, 0, 1)
     rng = np.random.default_rng(0)
@@ -84,12 +137,19 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
         "real_images": images[None, 2:4].repeat(2, 0), "real_positions": np.array([[0.2, 0.2], [0.61, 0.6]]),
         "requested_positions": np.array([0.2, 0.6]),
         "anomaly_image": images[:2], "anomaly_lesioned": recon[:2], "anomaly_reconstruction": images[:2],
-        "anomaly_score": np.abs(recon[:2] - images[:2]), "anomaly_lesion": masks[:2] & (images[:2] > 0.7),
-        "anomaly_mask": masks[:2], "memorisation_highest_ssim": np.array([0.5, 0.7, 0.97, np.nan]),
+        "anomaly_methods": np.array(["vqvae_residual", "mean_slice"]),
+        "anomaly_method_scores": np.stack([np.abs(recon[:2] - images[:2]), recon[:2]]),
+        "anomaly_lesion": masks[:2] & (images[:2] > 0.7),
+        "anomaly_mask": masks[:2],
+        "generation_samples": images, "generation_positions": np.array([0.2, 0.2, 0.2, 0.6, 0.6, 0.6]),
+        "generation_neighbours": recon, "generation_hamming": np.array([0.3, 0.25, 0.0, 0.4, 0.35, 0.3]),
+        "generation_ssim": np.array([0.7, 0.75, 1.0, 0.6, 0.65, 0.7]),
+        "generation_flagged": np.array([False, False, True, False, False, False]),
+        "copies_real_hamming": np.array([0.35, 0.4]), "copies_real_ssim": np.array([0.72, 0.68]),
     }
     (tmp_path / "eval").mkdir()
     np.savez_compressed(tmp_path / "eval" / "figures.npz", **arrays)
-    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(tiny_metrics(probe_auroc)))
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(tiny_metrics(probe_auroc, mask_kind)))
     pd.DataFrame({"scan": ["T00", "T01", "T02"], "subject": ["T00", "T01", "T02"], "n_slices": [8, 8, 8],
                   "ssim_brain": [0.9, 0.8, 0.7], "psnr_brain_db": [30.0, 28.0, 25.0]}).to_csv(
         tmp_path / "eval" / "per_scan.csv", index=False)
@@ -115,10 +175,11 @@ def tiny_report_inputs(tmp_path: Path, probe_auroc=None) -> reporting.ReportInpu
         samples_grid=png_of(images[5], tmp_path / "grid.png"))
 
 
-def build(tmp_path: Path, source: str = "ixi", probe_auroc=None) -> Path:
+def build(tmp_path: Path, source: str = "ixi", probe_auroc=None, mask_kind="brain") -> Path:
     config = load_config(overrides={"dataset": {"source": source}})
-    return reporting.build_report(tiny_report_inputs(tmp_path, probe_auroc), config, tmp_path / "report" / "index.html",
-                                  tmp_path / "report" / "figures", attribution_html=get_source(source).attribution_html)
+    return reporting.build_report(tiny_report_inputs(tmp_path, probe_auroc, mask_kind), config,
+                                  tmp_path / "report" / "index.html", tmp_path / "report" / "figures",
+                                  attribution_html=get_source(source).attribution_html)
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +206,56 @@ def test_report_explains_every_metric_and_says_why_one_is_missing(report):
         assert html.escape(meaning, quote=False) in page
     for _, label, _, _, meaning in reporting.METRIC_ROWS:
         assert html.escape(meaning, quote=False) in page
-    assert "n/a (all 2 test scans have label 1; AUROC is undefined with one class)" in page
+    assert "n/a (3 negative and 2 positive subjects; grouped cross-validation" in page
     assert "FD (VQ-VAE encoder features; not comparable to FID)" in page
 
 
-def test_reconstruction_table_reports_slices_scans_and_subjects_apart(report):
-    table = reporting.reconstruction_table(tiny_metrics())
-    assert [c for c in table.columns if c.endswith(": mean")] == ["slices: mean", "scans: mean", "subjects: mean"]
-    assert table.loc[0, ["slices: mean", "scans: mean", "subjects: mean"]].tolist() == ["0.81", "0.805", "0.8"]
+def test_generation_table_puts_every_measure_beside_its_reference_and_controls(report):
+    table = reporting.generation_table(tiny_metrics())
+    row = table.set_index("Measure").loc["Two-sample AUROC, samples vs reconstructions"]
+    assert row["Samples"] == "0.620 [0.52, 0.67]"
+    assert row["shuffled code maps"] == "0.999 [0.90, 1.05]"
+    assert row["training maps (a copying prior)"].startswith("0.52")
+    copies = table.set_index("Measure").loc["Copies flagged"]
+    assert (copies["Samples"], copies["Real reference"], copies["training maps (a copying prior)"],
+            copies["10 % copies mixed in"]) == ("0.0 %", "0.0 %", "100.0 %", "12.5 %")
+    assert table.set_index("Measure").loc["Position error (MAE)", "Real reference"] == "0.06"
+    assert all(table["Can detect"].str.len() > 20) and all(table["Cannot detect"].str.len() > 10)
     page = report.read_text()
-    assert "scans: mean" in page and "subjects: mean" in page
+    assert "Two-sample AUROC, samples vs reconstructions" in page and "10 % copies mixed in" in page
+    assert "per-location unigram" in page and "inside the mask" in page
+
+
+def test_reconstruction_table_reports_slices_scans_and_subjects_apart_with_intervals(report):
+    table = reporting.reconstruction_table(tiny_metrics())
+    means = ["slices: mean [95% CI]", "scans: mean [95% CI]", "subjects: mean [95% CI]"]
+    assert [c for c in table.columns if ": mean" in c] == means
+    assert table.loc[0, means].tolist() == ["0.81 [0.79, 0.83]", "0.805 [0.79, 0.82]", "0.8 [0.79, 0.81]"]
+    page = report.read_text()
+    assert "scans: mean [95% CI]" in page and "subjects: mean [95% CI]" in page
     assert "Per-scan metrics" in page and "per_subject" not in page
+
+
+def test_report_shows_pixel_size_anomaly_table_and_probe_with_interval_and_p_value(tmp_path):
+    page = build(tmp_path, probe_auroc=0.81).read_text()
+    assert "1.88 mm pixels" in page and "128 px of 1.875 mm" in page
+    table = reporting.anomaly_table(tiny_metrics())
+    assert len(table) == 5 * 5  # every method on all lesions and on each of the four lesion types
+    assert table.loc[(table["Lesions"] == "dark_small") & (table["Method"] == "zscore"), "AUPRC"].item() == "0.1825"
+    for method in reporting.ANOMALY_METHODS:
+        assert f"<td>{method}</td>" in page
+    assert "0.81 [0.61, 0.93]" in page and "0.004" in page and "site alone" in page
+    assert "12 negative" in page and "12 positive" in page
+
+
+def test_head_masks_are_called_head_and_brain_masks_brain(tmp_path):
+    (tmp_path / "head").mkdir()
+    (tmp_path / "brain").mkdir()
+    head = build(tmp_path / "head", mask_kind="head").read_text()
+    assert "SSIM, head box" in head and "SSIM, brain box" not in head and "head masks" in head
+    assert "Head-box SSIM" in head
+    brain = build(tmp_path / "brain").read_text()
+    assert "SSIM, brain box" in brain and "SSIM, head box" not in brain and "brain masks" in brain
 
 
 def test_report_escapes_table_text_and_lists_excluded_scans(report):

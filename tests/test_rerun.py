@@ -107,6 +107,27 @@ def test_editing_a_workflow_script_reruns_its_rule_and_what_follows(tiny_run, gr
     assert tiny_run.dry_run() == {}, "restoring the script did not restore the up-to-date state"
 
 
+def test_a_missing_split_csv_is_rebuilt_by_a_plain_run_with_what_follows(tiny_run, graph, all_jobs):
+    # Snakemake alone reports "Nothing to be done" here: nothing that reads split.csv has to run.
+    results = tiny_run.workdir / "results" / tiny_run_name(tiny_run)
+    split_csv = results / "split.csv"
+    aside = split_csv.with_name(".split.csv.aside")
+    os.replace(split_csv, aside)
+    try:
+        rerun = tiny_run.dry_run()
+    finally:
+        os.replace(aside, split_csv)
+        (results / ".rebuild" / "split").unlink(missing_ok=True)
+    affected = downstream(graph, "split")
+    assert set(rerun) == affected, rerun
+    assert {rule: rerun[rule] for rule in affected} == {rule: all_jobs[rule] for rule in affected}
+    assert tiny_run.dry_run() == {}, "restoring split.csv did not restore the up-to-date state"
+
+
+def tiny_run_name(tiny_run) -> str:
+    return yaml.safe_load(tiny_run.config.read_text())["run"]
+
+
 # ---- the output parsers the tests above rely on ------------------------------------------------
 
 DRY_RUN = """\

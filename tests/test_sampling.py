@@ -25,6 +25,14 @@ def test_sampling_with_a_fixed_seed_is_reproducible_and_another_seed_differs(lab
     assert not torch.equal(first, other)
 
 
+def test_a_tiny_nucleus_draws_the_most_likely_code_whatever_the_seed(labelled_prior):
+    positions, labels = [0.3] * 3, ["M"] * 3
+    greedy = sample_codes(labelled_prior, positions, labels, seed=1, top_p=1e-6)
+    assert torch.equal(greedy, sample_codes(labelled_prior, positions, labels, seed=2, top_p=1e-6))
+    assert not torch.equal(sample_codes(labelled_prior, positions, labels, seed=1),
+                           sample_codes(labelled_prior, positions, labels, seed=2))
+
+
 def test_slice_position_and_label_steer_the_samples_as_in_training(labelled_prior):
     def share_in(maps: torch.Tensor, low: int) -> float:
         return ((maps >= low) & (maps < low + 2)).float().mean().item()

@@ -15,7 +15,13 @@ import pytest
 from brainvq.config import validated_config
 from brainvq.data import stratify_column
 from brainvq.demographics import COLUMNS, DemographicsError
-from brainvq.io import MissingOrientationError, ScanKeyError, VolumeNotFoundError, discover_scans
+from brainvq.io import (
+    InvalidVolumesError,
+    MissingOrientationError,
+    ScanKeyError,
+    VolumeNotFoundError,
+    discover_scans,
+)
 from brainvq.evaluation import probe_target_spec
 from brainvq.sources import KINDS, Source, SourceError, available_sources, get_source
 from brainvq.sources.ixi import ixi_site, normalise_ixi
@@ -23,7 +29,7 @@ from brainvq.sources.oasis1 import normalise_oasis1
 from brainvq.sources.oasis2 import normalise_oasis2
 from snakemake_helpers import TinyRun, copy_workflow, tiny_config
 from test_io import config, tiny_data, write_analyze, write_nifti
-from test_workflow import head_volume
+from test_workflow import head_affine, head_volume
 
 # The demographics files under the raw folder; the rest is the schema's defaults.
 CONFIG = validated_config({"datasets": {"oasis1": {"demographics_file": "oasis_cross-sectional.csv"}}})
@@ -82,7 +88,7 @@ def test_every_source_module_defines_a_complete_source():
         source = get_source(name)
         assert isinstance(source, Source) and source.name == name and source.kind in KINDS, name
         assert source.layout and source.attribution_html.lstrip().startswith("<p>"), name
-        assert set(source.defaults) == {"stratify", "probe_target"}, name
+        assert set(source.defaults) == {"stratify", "probe_target", "skull_strip"}, name
         assert source.raw_root(settings), name
         # Download rules exist only for a source with something to download.
         assert bool(source.download_plan(settings)) == (source.kind == "download"), name
@@ -104,8 +110,14 @@ def test_auto_means_the_source_default_and_an_explicit_setting_wins():
     assert probe_target_spec({"probe_target": "auto"}, demo) == "atrophy>median"
     assert probe_target_spec({"probe_target": "auto"}, oasis1) == "cdr>0"
     assert probe_target_spec({"probe_target": "sex"}, oasis1) == "sex"
+    # The demo writes true brain masks beside its volumes; the other sources keep the head unless told.
+    assert get_source("demo").resolved_preprocess(config()["preprocess"])["skull_strip"] == "precomputed"
+    assert get_source("ixi").resolved_preprocess(config()["preprocess"])["skull_strip"] == "none"
+    assert get_source("demo").resolved_preprocess(config(preprocess={"skull_strip": "bet"})["preprocess"])[
+        "skull_strip"] == "bet"
     # The schema's defaults are 'auto': the source decides unless the config says otherwise.
     assert config()["split"]["stratify"] == config()["evaluate"]["probe_target"] == "auto"
+    assert config()["preprocess"]["skull_strip"] == "auto"
 
 
 def test_discovery_settings_change_with_what_discovery_reads_and_nothing_else():
@@ -139,6 +151,22 @@ def test_demo_layout_mixes_ixi_nifti_and_oasis_analyze(tmp_path):
     assert scans["orientation"].tolist() == ["", "ASL"]
     assert scans["subject"].tolist() == ["IXI002", "OAS1_0001"]
     assert scans["session"].tolist() == ["", "MR1"]
+
+
+def test_a_brain_mask_beside_a_volume_is_found_with_it_and_is_never_a_scan(tmp_path):
+    ixi = tmp_path / "IXI" / "IXI002-Guys-0828-T1.nii.gz"
+    oasis = tmp_path / "OAS1_0001_MR1" / "RAW" / "OAS1_0001_MR1_mpr-1_anon.hdr"
+    write_nifti(ixi)
+    write_nifti(tmp_path / "IXI" / "IXI002-Guys-0828-T1_brainmask.nii.gz")
+    write_analyze(oasis)  # no mask beside this one
+    (tmp_path / "participants.tsv").write_text("subject\nIXI002\nOAS1_0001\n")
+    scans = discover_scans(get_source("demo"), tmp_path, config())
+    assert scans["scan"].tolist() == ["IXI002", "OAS1_0001_MR1"]
+    assert scans["mask"].tolist() == [str(tmp_path / "IXI" / "IXI002-Guys-0828-T1_brainmask.nii.gz"), ""]
+    write_nifti(tmp_path / "local" / "sub01.nii.gz")
+    write_nifti(tmp_path / "local" / "sub01_brainmask.nii.gz")
+    local = discover_scans(get_source("local"), tmp_path / "local", config())
+    assert local["scan"].tolist() == ["sub01"] and local["mask"].tolist()[0].endswith("sub01_brainmask.nii.gz")
 
 
 def test_demo_participants_tsv_is_read_and_unknown_subjects_get_empty_rows(tmp_path):
@@ -251,8 +279,11 @@ def test_oasis1_image_selection_picks_t88_with_its_orientation(tmp_path):
 
 def test_oasis1_session_without_selected_image_fails_naming_expected_file(tmp_path):
     oasis1_tree(tmp_path)
-    with pytest.raises(VolumeNotFoundError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr"):
+    # Both sessions lack the image: one error names each expected file.
+    with pytest.raises(InvalidVolumesError, match="OAS1_0001_MR1_mpr_n4_anon_sbj_111.hdr") as info:
         discover_scans(get_source("oasis1"), tmp_path, config(datasets={"oasis1": {"image": "subj111"}}))
+    assert [type(problem) for _, problem in info.value.problems] == [VolumeNotFoundError] * 2
+    assert "OAS1_0002_MR1_mpr_n4_anon_sbj_111.hdr" in str(info.value)
 
 
 def oasis1_frame() -> pd.DataFrame:
@@ -450,10 +481,9 @@ SOURCE = Toy()
 
 
 def write_toy_folder(folder: Path, n_subjects: int) -> list[str]:
-    """Tiny heads toy-sNN.nii.gz (2 mm voxels), a file the toy layout ignores, and toy.csv; return the subjects."""
+    """Small heads toy-sNN.nii.gz, a file the toy layout ignores, and toy.csv; return the subjects."""
     folder.mkdir(parents=True)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = -40
+    affine = head_affine()
     subjects = [f"s{i:02d}" for i in range(n_subjects)]
     for i, subject in enumerate(subjects):
         nib.save(nib.Nifti1Image(head_volume(i).astype(np.int16), affine), folder / f"toy-{subject}.nii.gz")

@@ -3,17 +3,23 @@
 import nibabel as nib
 import numpy as np
 
-from brainvq.io import save_volume_atomic
-from brainvq.preprocessing import EmptyMaskError, mask_image, n4_bias_correct, skull_strip
+from brainvq.io import load_volume, save_volume_atomic
+from brainvq.preprocessing import EmptyMaskError, mask_image, mask_on_grid, n4_bias_correct, skull_strip
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     params = snakemake.params
-    ras = nib.load(snakemake.input[0])
+    ras = nib.load(snakemake.input.ras)
+    precomputed = None
+    if "precomputed_mask" in snakemake.input.keys():
+        # The mask file found beside the raw volume: read with the volume's orientation, onto the RAS grid.
+        precomputed = mask_on_grid(load_volume(snakemake.input.precomputed_mask, params.orientation or None), ras)
+        log.info("%s: precomputed mask %s", snakemake.wildcards.scan, snakemake.input.precomputed_mask)
     try:
         brain, mask = skull_strip(
             ras, params.method,
             bet_fractional_threshold=params.bet_fractional_threshold, bet_iterations=params.bet_iterations,
+            precomputed_mask=precomputed,
         )
     except EmptyMaskError as error:
         if params.on_error != "skip":

@@ -8,25 +8,25 @@ per-scan tables and the figure arrays the report draws. What is measured on what
   over scans (a scan's value = mean of its slices) and over subjects (a subject's value = mean of its scans);
   ``eval/per_scan.csv`` has one row per scan with its ``subject``.
 - **Codebook**: codes used in the test code maps and their perplexity (``measures.codebook``).
-- **Prior**: the PixelCNN's test NLL in bits per code, next to log2 K (uniform) and the add-one-smoothed
-  training code frequencies (unigram).
-- **Diversity**: mean pairwise MS-SSIM among samples, and among real test slices matched to the samples'
-  slice positions. **Memorisation**: per sample, the highest SSIM to a training slice within
-  ``memorisation_position_window`` of its position (widened to the nearest training slice when none is that
-  close; the ``memorisation_top_k`` nearest by pixel L2 are scored), and the share above
-  ``memorisation_threshold``. **FD**: Fréchet distance between Gaussians fitted to the VQ-VAE encoder's spatially
-  pooled pre-quantisation features of samples and of matched test slices (with training-vs-test slices as the
-  reference); not comparable to FID.
+- **Prior**: the PixelCNN's test NLL in bits per code over whole maps and over code positions inside the shards'
+  mask, next to context-free baselines fitted on training maps (``measures.baselines``): uniform (log2 K), global
+  unigram, per-location unigram and per-location-and-position-bin unigram.
+- **Generation** (``judge``): the samples against real test slices matched in slice position and against their
+  reconstructions (decoded test code maps): classifier two-sample AUROCs, the error of a position regressor trained
+  on training slices, Fréchet distance and k-NN precision/recall in that regressor's features (not the judged
+  VQ-VAE's), and copies of training code maps (Hamming distance, SSIM against decoded training maps, thresholds
+  calibrated on known copies); the same on real references and on control sets (``evaluate.generation_controls``).
+  Diversity (mean pairwise MS-SSIM) and the old VQ-VAE-feature FD, labelled as such, are kept for comparison.
 - **Probe**: from each training scan's normalised code histogram to a binary attribute (``evaluate.probe_target``,
   else the source's default), scored on test scans; the same on each scan's mean downsampled slice as the baseline.
 - **Anomaly maps**: one synthetic lesion on each of ``anomaly_n_slices`` central test slices, scored by the
   smoothed |x - recon(x)| over brain pixels.
 
-All randomness (lesions, pair subsets, matched real slices) comes from ``evaluate.seed``.
+All randomness (lesions, pair subsets, matched real slices, judging networks, controls) comes from ``evaluate.seed``.
 
-One module per section: ``reconstruction`` (reconstruction and codebook), ``generation`` (prior and samples),
-``probe``, ``anomaly``; ``inputs`` loads the run once into an :class:`EvaluationRun` they all measure from, and
-``run`` calls them in turn (``SECTIONS``) and writes the outputs.
+One module per section: ``reconstruction`` (reconstruction and codebook), ``generation`` (prior and samples, with
+the fitted ``judge``), ``probe``, ``anomaly``; ``inputs`` loads the run once into an :class:`EvaluationRun` they
+all measure from, and ``run`` calls them in turn (``SECTIONS``) and writes the outputs.
 """
 
 from brainvq.evaluation.generation import FD_LABEL

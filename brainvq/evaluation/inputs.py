@@ -9,9 +9,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import torch
 
 from brainvq.data import read_split
-from brainvq.prior import bits_per_code, load_code_rows, read_code_index, scan_labels, uniform_bits, unigram_bits
+from brainvq.prior import (
+    bits_per_code,
+    label_indices,
+    load_code_rows,
+    read_code_index,
+    scan_labels,
+    uniform_bits,
+    unigram_bits,
+)
 from brainvq.shards import load_shard_rows, shard_index, shard_paths
 
 
@@ -40,6 +49,8 @@ class PriorScorer:
         labels: code-index rows (``codes/index.csv``) -> the prior's conditioning labels ``(N,)``.
         model: the loaded prior itself, for measures that need more than its likelihood (None in tests that
             only score).
+        bits_map: ``(codes (N,h,w), positions (N,), labels (N,)) -> (N,h,w)``, the bits of every code (None when
+            only the average is known; the brain-masked average is then missing).
     """
 
     bits_per_code: Callable[[np.ndarray, np.ndarray, np.ndarray], float]
@@ -47,6 +58,7 @@ class PriorScorer:
     unigram_bits: Callable[[np.ndarray, np.ndarray, int], float]
     labels: Callable[[pd.DataFrame], np.ndarray]
     model: object | None = None
+    bits_map: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -72,6 +84,7 @@ class EvaluationRun:
         samples: samples.h5 as arrays (``read_samples``).
         model: the VQ-VAE (eval mode); prior: its scorer; codebook_size: K; device: where both live.
         settings: the ``evaluate`` config section; source_defaults: the data source's ``defaults``.
+        shard_attrs: the first test shard's attributes (``pixel_mm``, ``mask_kind``, ... where written).
     """
 
     split: pd.DataFrame
@@ -87,6 +100,7 @@ class EvaluationRun:
     device: object
     settings: dict
     source_defaults: dict
+    shard_attrs: dict = field(default_factory=dict)
 
     def index_of(self, split: str) -> pd.DataFrame:
         """Return the codes/index.csv rows of ``split`` in (scan, row) order."""
@@ -118,7 +132,25 @@ def prior_scorer(prior_model, split_df: pd.DataFrame) -> PriorScorer:
         unigram_bits=unigram_bits,
         labels=lambda rows: [by_scan[scan] for scan in rows["scan"]] if column else None,
         model=prior_model,
+        bits_map=lambda codes, positions, labels: code_bits_map(prior_model, codes, positions, labels),
     )
+
+
+@torch.no_grad()
+def code_bits_map(prior_model, codes, positions, labels, batch_size: int = 64) -> np.ndarray:
+    """Return the prior's negative log-likelihood in bits of every code ``(N, h, w)`` of code maps ``codes`` at
+    slice ``positions`` with ``labels`` (label strings, for a label-conditioned prior)."""
+    prior_model.eval()
+    device = next(prior_model.parameters()).device
+    codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    positions = torch.as_tensor(np.asarray(positions), dtype=torch.float32)
+    label_idx = label_indices(prior_model, labels, len(codes))
+    chunks = []
+    for start in range(0, len(codes), batch_size):
+        part = slice(start, start + batch_size)
+        chunks.append(prior_model.code_bits(codes[part].to(device), positions[part].to(device),
+                                            None if label_idx is None else label_idx[part].to(device)).cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros(codes.shape, np.float32)
 
 
 def vqvae_codebook_size(model, vqvae_path: str | Path, bottleneck: str) -> int:
@@ -155,6 +187,12 @@ def read_samples(path: str | Path) -> dict:
     return samples
 
 
+def shard_attributes(path: str | Path) -> dict:
+    """Return a shard's HDF5 attributes as plain Python values."""
+    with h5py.File(path, "r") as f:
+        return {key: value.item() if isinstance(value, np.generic) else value for key, value in f.attrs.items()}
+
+
 def code_maps_by_scan(codes_dir: str | Path, index: pd.DataFrame) -> dict[str, np.ndarray]:
     """Return each scan's code maps ``(n_slices, h, w)`` listed in ``index`` (codes/index.csv rows), in ``row``
     order."""
@@ -180,5 +218,5 @@ def evaluation_run(inputs: EvaluationInputs, model, prior: PriorScorer, codebook
         test_paths=test_paths, test_slices=shard_index(test_paths),
         codes=code_maps_by_scan(inputs.codes_dir, index), code_index=index, samples=read_samples(inputs.samples),
         model=model, prior=prior, codebook_size=codebook_size, device=device, settings=settings,
-        source_defaults=source_defaults,
+        source_defaults=source_defaults, shard_attrs=shard_attributes(test_paths[0]),
     )

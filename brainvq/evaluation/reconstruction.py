@@ -54,11 +54,13 @@ def reconstruction_pass(model, test_paths: list[Path], device, batch_size: int) 
     return pd.concat(tables, ignore_index=True), examples
 
 
-def reconstruction_summary(per_slice: pd.DataFrame, per_scan: pd.DataFrame) -> dict:
+def reconstruction_summary(per_slice: pd.DataFrame, per_scan: pd.DataFrame, n_resamples: int = 0,
+                           seed: int = 0) -> dict:
     """Return, per reconstruction metric, its summary statistics ``over_slices``, ``over_scans`` and
-    ``over_subjects`` (a subject's value is the mean of its scans)."""
+    ``over_subjects`` (a subject's value is the mean of its scans); with ``n_resamples`` each also has
+    ``mean_ci95``, the 95 % interval of its mean over resampled test subjects."""
     per_subject = per_subject_means(per_scan, RECONSTRUCTION_METRICS)
-    return summaries_by_unit(RECONSTRUCTION_METRICS, over_slices=per_slice, over_scans=per_scan,
+    return summaries_by_unit(RECONSTRUCTION_METRICS, n_resamples, seed, over_slices=per_slice, over_scans=per_scan,
                              over_subjects=per_subject)
 
 
@@ -80,14 +82,26 @@ def example_triplets(per_scan: pd.DataFrame, examples: dict) -> dict:
     }
 
 
+def preprocessing_facts(shard_attrs: dict) -> dict:
+    """Return what the numbers are measured on: ``pixel_mm`` (one pixel size for the run), ``mask_kind`` (``brain``
+    or ``head``: what the "brain" metrics' mask covers), the ``skull_strip`` method, image ``size`` (None where
+    the shards do not say)."""
+    pixel = shard_attrs.get("pixel_mm")
+    size = shard_attrs.get("size")
+    return {"pixel_mm": float(pixel) if pixel is not None else None, "mask_kind": shard_attrs.get("mask_kind"),
+            "skull_strip": shard_attrs.get("skull_strip"), "size": int(size) if size is not None else None}
+
+
 def reconstruction_section(run: EvaluationRun) -> tuple[dict, dict, pd.DataFrame, pd.DataFrame]:
     """Return (metrics, figure arrays, per-slice table, per-scan table) of the test reconstructions."""
     per_slice, examples = reconstruction_pass(run.model, run.test_paths, run.device, run.settings["batch_size"])
     per_scan = per_scan_means(per_slice, RECONSTRUCTION_METRICS)
     metrics = {
+        "preprocess": preprocessing_facts(run.shard_attrs),
         "n_test_scans": int(per_scan["scan"].nunique()), "n_test_subjects": int(per_scan["subject"].nunique()),
         "n_test_slices": int(len(per_slice)),
-        "reconstruction": reconstruction_summary(per_slice, per_scan),
+        "reconstruction": reconstruction_summary(per_slice, per_scan, run.settings["bootstrap_resamples"],
+                                                 run.settings["seed"]),
     }
     return metrics, example_triplets(per_scan, examples), per_slice, per_scan
 

@@ -3,6 +3,10 @@
 - **Diversity**: mean MS-SSIM over pairs of images of one set (lower = more diverse).
 - **Fréchet distance**: between Gaussians fitted to two ``(N, D)`` feature sets. Which features are used (and
   hence what the number can be compared with) is the caller's choice and must be named next to the value.
+- **Precision and recall** (Kynkäänniemi et al. 2019): each set's manifold is the union of balls around its
+  feature vectors reaching their k-th nearest neighbour in the set; precision is the share of generated vectors
+  inside the real manifold (are samples realistic?), recall the share of real vectors inside the generated one
+  (is the real variety covered?).
 - **Matching by position**: per sample, a real slice at a similar axial position, drawn at random.
 """
 
@@ -78,3 +82,28 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         ridge = 1e-6 * np.eye(cov_a.shape[0])
         root = linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(root)))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Return each vector's distance to its k-th nearest other vector of the same set."""
+    distances = np.sqrt(np.maximum(((features[:, None] - features[None]) ** 2).sum(-1), 0))
+    return np.sort(distances, axis=1)[:, k]  # column 0 is the vector itself
+
+
+def share_inside_manifold(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray) -> float:
+    """Return the share of ``queries`` within the k-NN radius of at least one vector of ``manifold``."""
+    distances = np.sqrt(np.maximum(((queries[:, None] - manifold[None]) ** 2).sum(-1), 0))
+    return float((distances <= radii[None]).any(axis=1).mean())
+
+
+def precision_recall(real_features: np.ndarray, generated_features: np.ndarray, k: int = 3) -> dict:
+    """Return ``{"precision", "recall", "k"}`` of generated against real ``(N, D)`` features (Kynkäänniemi 2019).
+
+    Raises:
+        SampleSizeError: when a set has ``k`` vectors or fewer.
+    """
+    real, generated = np.asarray(real_features, np.float64), np.asarray(generated_features, np.float64)
+    if min(len(real), len(generated)) <= k:
+        raise SampleSizeError(f"precision and recall with k={k} need more than {k} vectors per set")
+    return {"precision": share_inside_manifold(real, knn_radii(real, k), generated),
+            "recall": share_inside_manifold(generated, knn_radii(generated, k), real), "k": k}

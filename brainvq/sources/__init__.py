@@ -33,7 +33,8 @@ class Source:
             extract rules fetch ``download_plan`` into ``raw_root``), or 'folder' (volumes already on disk).
         layout: one line saying which files are scans, for error messages.
         defaults: what 'auto' means for this source: ``stratify`` (a participants column or None) for
-            ``split.stratify`` and ``probe_target`` (a probe rule) for ``evaluate.probe_target``.
+            ``split.stratify``, ``probe_target`` (a probe rule) for ``evaluate.probe_target`` and ``skull_strip``
+            (a method) for ``preprocess.skull_strip``.
         terms: licence or data use terms, printed when the workflow starts ('' when there are none).
         attribution_html: the report's data attribution (trusted HTML).
     """
@@ -41,7 +42,7 @@ class Source:
     name: str = ""
     kind: str = "folder"
     layout: str = "volumes"
-    defaults: dict = {"stratify": None, "probe_target": "sex"}
+    defaults: dict = {"stratify": None, "probe_target": "sex", "skull_strip": "none"}
     terms: str = ""
     attribution_html: str = ""
 
@@ -49,9 +50,19 @@ class Source:
         """Return the folder holding the raw volumes; by default where the extract rule unpacks a download."""
         return f"{config['resources_dir']}/{self.name}/extracted"
 
+    def resolved_preprocess(self, preprocess: dict) -> dict:
+        """Return the ``preprocess`` config section with ``skull_strip: auto`` replaced by this source's default."""
+        method = preprocess["skull_strip"]
+        return {**preprocess, "skull_strip": self.defaults["skull_strip"] if method == "auto" else method}
+
     def discovery_settings(self, config: dict) -> dict:
         """Return the config values discovery reads; they are the discovery rule's params, so it reruns
         when one of them changes and only then. ``find_rows`` and ``participants`` see nothing else."""
+        return {}
+
+    def required_paths(self, config: dict) -> dict[str, str]:
+        """Return the configured files and folders that must exist before the run starts, by config key
+        (checked at start-up by ``brainvq.config.check_startup``); by default none."""
         return {}
 
     def find_rows(self, raw_root: Path, settings: dict) -> list[dict]:

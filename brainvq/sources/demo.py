@@ -20,8 +20,9 @@ class Demo(Source):
     name = "demo"
     kind = "generated"
     layout = "IXI###-<site>-####-T1.nii.gz files and OAS1_####_MR1/RAW/*_mpr-1_anon.hdr (run the demo_cohort rule)"
-    # Stratify by atrophy so both halves of it (the probe target) reach the few test subjects.
-    defaults = {"stratify": "atrophy", "probe_target": "atrophy>median"}
+    # Stratify by atrophy so both halves of it (the probe target) reach the few test subjects. The cohort writes
+    # each subject's true brain mask beside its volume, so 'precomputed' skull stripping is exact.
+    defaults = {"stratify": "atrophy", "probe_target": "atrophy>median", "skull_strip": "precomputed"}
     attribution_html = """\
 <p>This run uses the offline demo cohort: synthetic subjects derived from the MNI152 ICBM 2009 nonlinear template
 (Fonov VS, Evans AC, McKinstry RC, Almli CR, Collins DL. Unbiased nonlinear average age-appropriate brain

@@ -88,7 +88,7 @@ class Ixi(Source):
     kind = "download"
     layout = "IXI###-{Guys,HH,IOP}-####-T1.nii.gz files"
     # Three scanners: keep each one's share the same in train and test.
-    defaults = {"stratify": "site", "probe_target": "sex"}
+    defaults = {"stratify": "site", "probe_target": "sex", "skull_strip": "none"}
     terms = (
         "IXI dataset (https://brain-development.org/ixi-dataset/), Imperial College London.\n"
         "Licence: Creative Commons Attribution-ShareAlike 3.0 Unported (CC BY-SA 3.0),\n"

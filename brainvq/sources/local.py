@@ -12,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 
 from brainvq.demographics import COLUMNS, read_participants_tsv, with_scanned_subjects
-from brainvq.io import SCAN_KEY_PATTERN, MissingOrientationError, ScanKeyError, pair_paths, scan_row, visible_files
+from brainvq.io import (
+    SCAN_KEY_PATTERN,
+    MissingOrientationError,
+    ScanKeyError,
+    is_brain_mask_path,
+    pair_paths,
+    scan_row,
+    visible_files,
+)
 from brainvq.sources import Source, SourceError
 
 
@@ -39,7 +47,8 @@ def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
 
 
 def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | None) -> list[dict]:
-    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root``, keyed by ``subject_regex``.
+    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root`` that is not a ``*_brainmask`` file, keyed
+    by ``subject_regex``.
 
     Raises:
         MissingOrientationError: Analyze files are present but ``analyze_orientation`` is not set.
@@ -48,14 +57,16 @@ def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | No
     rows = []
     for path in visible_files(raw_root):
         name = path.name.lower()
-        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-            continue
+        if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")) or is_brain_mask_path(path):
+            continue  # a precomputed brain mask belongs to the volume beside it (scan_row's 'mask')
         # A pair is found through its .hdr; a lone .img still becomes a row so its missing .hdr is reported.
         if name.endswith(".img") and pair_paths(path)[0].exists():
             continue
         scan, subject, session = local_scan_key(path, regex)
         row = scan_row(scan, subject, session, path, analyze_orientation)
-        if name.endswith(".hdr") and row["format"] == "analyze" and not analyze_orientation:
+        # A lone .hdr is not an orientation problem: validation names its missing .img (and skip mode skips it).
+        complete_pair = pair_paths(path)[1].exists()
+        if name.endswith(".hdr") and complete_pair and row["format"] == "analyze" and not analyze_orientation:
             raise MissingOrientationError(
                 f"{path} is Analyze, whose header carries no orientation; set dataset.analyze_orientation "
                 "to the voxel axis codes of your Analyze files (e.g. LAS), or convert them to NIfTI"
@@ -68,7 +79,7 @@ class Local(Source):
     name = "local"
     kind = "folder"
     layout = ".nii, .nii.gz or .hdr/.img files (at any depth)"
-    defaults = {"stratify": None, "probe_target": "sex"}
+    defaults = {"stratify": None, "probe_target": "sex", "skull_strip": "none"}
     attribution_html = """\
 <p>This run uses local data supplied by the user (<code>dataset.local_dir</code>). Add its source, licence and
 citation here before sharing results.</p>
@@ -85,6 +96,10 @@ citation here before sharing results.</p>
     def discovery_settings(self, config: dict) -> dict:
         dataset = config["dataset"]
         return {key: dataset[key] for key in ("local_dir", "subject_regex", "participants", "analyze_orientation")}
+
+    def required_paths(self, config: dict) -> dict[str, str]:
+        dataset = config["dataset"]
+        return {f"dataset.{key}": dataset[key] for key in ("local_dir", "participants") if dataset[key]}
 
     def find_rows(self, raw_root: Path, settings: dict) -> list[dict]:
         return local_rows(raw_root, settings["subject_regex"], settings["analyze_orientation"])

@@ -103,7 +103,7 @@ class OasisSource(Source):
     """What the OASIS studies share: a download, the OASIS Data Use Agreement, one sheet row per visit."""
 
     kind = "download"
-    defaults = {"stratify": None, "probe_target": "cdr>0"}
+    defaults = {"stratify": None, "probe_target": "cdr>0", "skull_strip": "none"}
 
     def normalise_sheet(self, path: Path) -> pd.DataFrame:
         """Return the study's demographics sheet at ``path``, normalised (one row per visit)."""
