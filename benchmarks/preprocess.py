@@ -251,8 +251,12 @@ def loader_rates(dataset, batch_size: int, num_workers: int, seed: int) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                         generator=generator)
+    return epoch_rates(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                                   num_workers=num_workers, generator=generator))
+
+
+def epoch_rates(loader) -> dict:
+    """Return slices/s over one pass of ``loader``, its first-batch latency and slices/s after the first batch."""
     start, first, n, n_first = time.perf_counter(), None, 0, 0
     for batch in loader:
         n += batch["image"].shape[0]
@@ -276,14 +280,7 @@ def batch_loader_rates(dataset, batch_size: int, num_workers: int, seed: int) ->
 
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).numpy()
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    start, first, n, n_first = time.perf_counter(), None, 0, 0
-    for batch in batch_loader(dataset, batches, num_workers, pin_memory=False, seed=seed):
-        n += batch["image"].shape[0]
-        if first is None:
-            first, n_first = time.perf_counter(), n
-    end = time.perf_counter()
-    return {"slices_per_s": round(n / (end - start), 1), "first_batch_s": round(first - start, 3),
-            "after_first_batch_slices_per_s": round((n - n_first) / max(end - first, 1e-9), 1)}
+    return epoch_rates(batch_loader(dataset, batches, num_workers, pin_memory=False, seed=seed))
 
 
 def resized_shards(shards: list[Path], out_dir: Path, size: int, compression: str, config: dict) -> list[Path]:
