@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.prior import git_commit, machine
 from brainvq.config import load_config
-from brainvq.data import read_split, shard_chunks
+from brainvq.data import read_split
 from brainvq.evaluation import EvaluationInputs, prior_scorer, vqvae_codebook_size
 from brainvq.evaluation.generation import prior_section, run_judge
 from brainvq.evaluation.inputs import evaluation_run
@@ -37,6 +37,7 @@ from brainvq.evaluation.judge import CONTROLS, control_code_maps, judge_samples,
 from brainvq.files import write_text_atomic
 from brainvq.prior import load_prior, train_prior, training_maps
 from brainvq.sampling import sample_codes
+from brainvq.shards import shard_chunks
 from brainvq.sources import get_source
 from brainvq.training import load_vqvae
 

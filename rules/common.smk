@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from brainvq.apply import require_apply_input
 from brainvq.bundle import read_bundle, trained_preprocess
 from brainvq.config import check_startup
-from brainvq.data import missing_shard_files
+from brainvq.shards import missing_shard_files
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
 from brainvq.sources import get_source
 from brainvq.workflow import rebuild_reason, request_rebuild

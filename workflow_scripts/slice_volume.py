@@ -4,9 +4,9 @@ import nibabel as nib
 import numpy as np
 
 from brainvq.config import config_hash
-from brainvq.data import write_slices_h5
 from brainvq.preprocessing import scan_slices
 from brainvq.qc import Thresholds, skull_strip_problem
+from brainvq.shards import write_slices_h5
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
