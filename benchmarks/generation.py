@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.prior import git_commit, machine
+from benchmarks.prior import provenance
 from brainvq.config import load_config
 from brainvq.data import read_split
 from brainvq.evaluation import EvaluationInputs, prior_scorer, vqvae_codebook_size
@@ -146,11 +144,7 @@ def main(argv=None) -> dict:
         ablations[name] = {"meaning": meaning,
                            **ablation(run, judge, inputs, config, prior_overrides, sample_overrides, args.steps)}
     report = {
-        "benchmark": "generation",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        **provenance("generation"),
         "run": str(results), "n_samples": int(len(positions)),
         "config": {"pixelcnn": config["pixelcnn"], "sample": config["sample"], "evaluate": settings},
         "references": references,
