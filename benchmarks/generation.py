@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.prior import git_commit, machine
+from benchmarks.prior import provenance
 from brainvq.config import load_config
-from brainvq.data import read_split, shard_chunks
+from brainvq.data import read_split
 from brainvq.evaluation import EvaluationInputs, prior_scorer, vqvae_codebook_size
 from brainvq.evaluation.generation import prior_section, run_judge
 from brainvq.evaluation.inputs import evaluation_run
@@ -37,6 +35,7 @@ from brainvq.evaluation.judge import CONTROLS, control_code_maps, judge_samples,
 from brainvq.files import write_text_atomic
 from brainvq.prior import load_prior, train_prior, training_maps
 from brainvq.sampling import sample_codes
+from brainvq.shards import shard_chunks
 from brainvq.sources import get_source
 from brainvq.training import load_vqvae
 
@@ -145,11 +144,7 @@ def main(argv=None) -> dict:
         ablations[name] = {"meaning": meaning,
                            **ablation(run, judge, inputs, config, prior_overrides, sample_overrides, args.steps)}
     report = {
-        "benchmark": "generation",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        **provenance("generation"),
         "run": str(results), "n_samples": int(len(positions)),
         "config": {"pixelcnn": config["pixelcnn"], "sample": config["sample"], "evaluate": settings},
         "references": references,

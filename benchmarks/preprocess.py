@@ -108,9 +108,9 @@ def stage_timings(raw_root: Path, slices_dir: Path, config: dict, n_bet: int, lo
     configuration); BET is timed on the first ``n_bet`` volumes only.
     """
     from brainvq.config import config_hash
-    from brainvq.data import write_slices_h5
     from brainvq.io import find_scans, load_volume
     from brainvq.preprocessing import reorient_to_ras, resample_isotropic, scan_slices, skull_strip
+    from brainvq.shards import write_slices_h5
     from brainvq.sources import get_source
 
     settings = config["preprocess"]
@@ -182,7 +182,8 @@ def replicated_slice_files(slices_dir: Path, out_dir: Path, n_slices: int) -> di
 def shard_write_timing(slice_files: dict[str, Path], shards_dir: Path, config: dict) -> dict:
     """Split the scans by subject and time ``write_shards``; return seconds per volume and per 1000 slices."""
     from brainvq.config import config_hash
-    from brainvq.data import subject_split, write_shards
+    from brainvq.data import subject_split
+    from brainvq.shards import write_shards
 
     scans = pd.DataFrame({"scan": sorted(slice_files), "subject": sorted(slice_files), "session": ""})
     table = subject_split(scans, pd.DataFrame({"subject": scans["subject"], "session": ""}),
@@ -191,7 +192,7 @@ def shard_write_timing(slice_files: dict[str, Path], shards_dir: Path, config: d
     attrs = {"spacing_mm": settings["spacing_mm"], "size": settings["size"], "source": "demo",
              "config_hash": config_hash(settings)}
     manifest, wall, cpu = timed(write_shards, table, slice_files, shards_dir, settings["shard_size"],
-                                settings["dtype"], attrs)
+                                settings["dtype"], attrs, settings["shard_compression"])
     n_slices = sum(s["n_slices"] for s in manifest["splits"].values())
     return {"n_volumes": len(slice_files), "n_slices": n_slices, "n_shards": len(manifest["shards"]),
             "wall_s_per_volume": round(wall / len(slice_files), 4),
@@ -250,8 +251,12 @@ def loader_rates(dataset, batch_size: int, num_workers: int, seed: int) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                         generator=generator)
+    return epoch_rates(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                                   num_workers=num_workers, generator=generator))
+
+
+def epoch_rates(loader) -> dict:
+    """Return slices/s over one pass of ``loader``, its first-batch latency and slices/s after the first batch."""
     start, first, n, n_first = time.perf_counter(), None, 0, 0
     for batch in loader:
         n += batch["image"].shape[0]
@@ -267,26 +272,81 @@ def folder_bytes(paths) -> int:
     return int(sum(Path(p).stat().st_size for p in paths))
 
 
-def read_throughput(shards_dir: Path, png_dir: Path, batch_size: int, seed: int) -> dict:
-    """Return slices/s reading all shards and the same slices from PNG files, several ways."""
-    from brainvq.data import ShardDataset, shard_paths
+def batch_loader_rates(dataset, batch_size: int, num_workers: int, seed: int) -> dict:
+    """Return one shuffled epoch's slices/s through the training loader (whole batches read by the dataset)."""
+    import torch
 
-    shards = shard_paths(shards_dir, "train") + shard_paths(shards_dir, "test")
-    pngs = write_png_folder(shards, png_dir)
-    datasets = {"hdf5_shards": ShardDataset(shards), "png_folder": PngDataset(pngs)}
-    rng = np.random.default_rng(seed)
-    n = len(pngs)
-    results = {"n_slices": n, "batch_size": batch_size, "image_shape": list(datasets["hdf5_shards"][0]["image"].shape),
-               "bytes": {"hdf5_shards": folder_bytes(shards), "png_folder": folder_bytes(pngs)}}
-    for name, dataset in datasets.items():
-        getitem_rate(dataset, np.arange(n))  # untimed pass: same warm page cache and imports for every mode
-        results[name] = {
-            "sequential_getitem_slices_per_s": round(getitem_rate(dataset, np.arange(n)), 1),
-            "random_getitem_slices_per_s": round(getitem_rate(dataset, rng.permutation(n)), 1),
-            "dataloader_workers0": loader_rates(dataset, batch_size, 0, seed),
-            "dataloader_workers2": loader_rates(dataset, batch_size, 2, seed),
-        }
-    datasets["hdf5_shards"].close()
+    from brainvq.slice_reader import batch_loader
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).numpy()
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    return epoch_rates(batch_loader(dataset, batches, num_workers, pin_memory=False, seed=seed))
+
+
+def resized_shards(shards: list[Path], out_dir: Path, size: int, compression: str, config: dict) -> list[Path]:
+    """Return shards of the same slices at ``size`` px (bilinear), written by ``write_shards`` with ``compression``."""
+    import torch.nn.functional as F
+
+    from brainvq.shards import read_slice_metadata, write_shards, write_slices_h5
+
+    slices_dir = out_dir / f"slices-{size}"
+    slices_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for k, shard in enumerate(shards):
+        meta = read_slice_metadata(shard)
+        with h5py.File(shard, "r") as f:
+            images, masks = f["images"][()].astype(np.float32), f["masks"][()]
+        if images.shape[-1] != size:
+            import torch
+
+            images = F.interpolate(torch.from_numpy(images)[:, None], size=(size, size), mode="bilinear",
+                                   align_corners=False)[:, 0].clamp(0, 1).numpy()
+            masks = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(size, size),
+                                  mode="nearest")[:, 0].numpy() > 0.5
+        name = f"part{k:03d}"
+        files[name] = write_slices_h5(slices_dir / f"{name}.h5", images.astype(np.float16), masks, meta["scan"],
+                                      meta["subject"], meta["slice_index"], meta["slice_position"],
+                                      {"spacing_mm": 1.0, "size": size, "source": "demo", "config_hash": "bench",
+                                       "split": ""})
+    split = pd.DataFrame({"scan": list(files), "subject": list(files), "session": "", "split": "train",
+                          "validation": False})
+    split.loc[split.index[-1], "split"] = "test"
+    out = out_dir / f"shards-{size}-{compression}"
+    write_shards(split, files, out, config["preprocess"]["shard_size"], "float16",
+                 {"spacing_mm": 1.0, "size": size, "source": "demo", "config_hash": "bench"}, compression)
+    return sorted(out.glob("*.h5"))
+
+
+def read_throughput(shards_dir: Path, workdir: Path, batch_size: int, seed: int, config: dict,
+                    sizes: tuple[int, ...] = (128, 256)) -> dict:
+    """Return slices/s reading the same slices from shards (uncompressed and gzip) and from 8-bit PNG files, at
+    each of ``sizes`` px: per item in this process, and per shuffled epoch through a DataLoader with 0 and 2
+    workers (shards: the training loader, whole batches; PNG: items collated)."""
+    from brainvq.shards import ShardDataset, shard_paths
+
+    source = shard_paths(shards_dir, "train") + shard_paths(shards_dir, "test")
+    results = {"batch_size": batch_size}
+    for size in sizes:
+        shards = {c: resized_shards(source, workdir / "sized", size, c, config) for c in ("none", "gzip")}
+        pngs = write_png_folder(shards["none"], workdir / f"png-{size}")
+        datasets = {"hdf5_shards_uncompressed": ShardDataset(shards["none"]),
+                    "hdf5_shards_gzip": ShardDataset(shards["gzip"]), "png_folder": PngDataset(pngs)}
+        rng = np.random.default_rng(seed)
+        n = len(pngs)
+        at_size = {"n_slices": n, "image_shape": list(datasets["png_folder"][0]["image"].shape),
+                   "bytes": {"hdf5_shards_uncompressed": folder_bytes(shards["none"]),
+                             "hdf5_shards_gzip": folder_bytes(shards["gzip"]), "png_folder": folder_bytes(pngs)}}
+        for name, dataset in datasets.items():
+            getitem_rate(dataset, np.arange(n))  # untimed pass: same warm page cache and imports for every mode
+            rates = {"random_getitem_slices_per_s": round(getitem_rate(dataset, rng.permutation(n)), 1)}
+            for workers in (0, 2):
+                rates[f"dataloader_workers{workers}"] = (
+                    loader_rates(dataset, batch_size, workers, seed) if name == "png_folder"
+                    else batch_loader_rates(dataset, batch_size, workers, seed))
+            at_size[name] = rates
+        for dataset in datasets.values():
+            getattr(dataset, "close", lambda: None)()
+        results[f"{size}px"] = at_size
     return results
 
 
@@ -313,9 +373,11 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, log) -> dict:
     log(f"shard write: {shard_write['wall_s_per_volume']:.2f} s per volume")
     read_files = replicated_slice_files(slices_dir, workdir / "read_slices", profile["n_read_slices"])
     shard_write_timing(read_files, workdir / "read_shards", config)
-    reads = read_throughput(workdir / "read_shards", workdir / "png", profile["batch_size"], args.seed)
-    log(f"read: shards {reads['hdf5_shards']['random_getitem_slices_per_s']} slices/s, "
-        f"png {reads['png_folder']['random_getitem_slices_per_s']} slices/s (random access)")
+    reads = read_throughput(workdir / "read_shards", workdir, profile["batch_size"], args.seed, config)
+    for size in ("128px", "256px"):
+        log(f"read {size}, 2 workers: " + ", ".join(
+            f"{name} {reads[size][name]['dataloader_workers2']['slices_per_s']}"
+            for name in ("hdf5_shards_uncompressed", "hdf5_shards_gzip", "png_folder")) + " slices/s")
     seconds_per_volume = {name: {"wall_s": summary(v["wall_s"]), "cpu_s": summary(v["cpu_s"])}
                           for name, v in stages.items()}
     seconds_per_volume["shard_write"] = {"wall_s": {"n": shard_write["n_volumes"],
@@ -331,31 +393,33 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, log) -> dict:
         "shard_write": shard_write,
         "read_throughput": reads,
         "notes": ("Files are read right after being written, after one untimed pass (warm page cache). "
-                  "DataLoader slices_per_s includes worker start-up (first_batch_s). PNG files are 8-bit (as the "
-                  f"earlier Keras projects stored them); shards hold {config['preprocess']['dtype']}, gzip. "
+                  "DataLoader slices_per_s includes worker start-up (first_batch_s); shards go through the "
+                  "training loader (brainvq.slice_reader.batch_loader: whole batches), PNG files through a "
+                  "DataLoader of items. PNG files are 8-bit (as the earlier Keras projects stored them); shards "
+                  "hold float16, uncompressed (preprocess.shard_compression: none) or gzip (1, H, W) chunks; the "
+                  "256 px slices are the 128 px ones resized (bilinear). "
                   "reorient includes reading the raw file; skull_strip_bet's first call includes numba compilation; "
                   "shard_write is write_shards over all volumes divided by their number."),
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark and write its JSON; return the results."""
-    args = parse_args(argv)
-
+def recorded_run(name: str, argv: list[str] | None, out: Path, run, workdir: Path | None = None) -> dict:
+    """Run ``run(workdir, log)`` (in ``workdir``, else a temporary folder) and write its results to ``out`` with the
+    benchmark's name, command, commit, machine, load and times; return them."""
     def log(message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
     started, started_utc = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_start = os.getloadavg()
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=False)
-        results = run_benchmark(args, args.workdir, log)
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=False)
+        results = run(workdir, log)
     else:
-        with tempfile.TemporaryDirectory(prefix="brainvq-bench-") as tmp:
-            results = run_benchmark(args, Path(tmp), log)
+        with tempfile.TemporaryDirectory(prefix=f"brainvq-bench-{name}-") as tmp:
+            results = run(Path(tmp), log)
     results = {
-        "benchmark": "preprocess",
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.preprocess", *(argv or sys.argv[1:])]),
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *(argv or sys.argv[1:])]),
         "git": git_state(),
         "machine": machine_info(),
         "load_average_1min": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
@@ -365,9 +429,16 @@ def main(argv: list[str] | None = None) -> dict:
     }
     from brainvq.files import write_text_atomic
 
-    write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
-    log(f"wrote {args.out} in {results['total_wall_s']} s")
+    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+    log(f"wrote {out} in {results['total_wall_s']} s")
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and write its JSON; return the results."""
+    args = parse_args(argv)
+    return recorded_run("preprocess", argv, args.out, lambda workdir, log: run_benchmark(args, workdir, log),
+                        args.workdir)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,17 @@ def machine() -> dict:
     return info
 
 
+def provenance(benchmark: str) -> dict:
+    """Return the fields a benchmark report opens with: its name, the command line, commit, time and machine."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "git_commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+    }
+
+
 def label_list(maps: CodeMaps, classes: list[str]) -> list[str] | None:
     return [classes[k] for k in maps.labels] if maps.labels is not None else None
 
@@ -185,11 +196,7 @@ def main(argv=None) -> dict:
         speed.append(sampling_speed(prior, test.positions[picks], labels, device, min(n, 64 if device == "cpu" else n)))
 
     report = {
-        "benchmark": "prior",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "git_commit": git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(),
+        **provenance("prior"),
         "data": {**info, "codebook_size": codebook_size, "map_size": list(train.map_size),
                  "train_maps": len(train), "validation_maps": len(val), "test_maps": len(test)},
         "config": config,

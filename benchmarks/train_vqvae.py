@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainvq.data import write_slices_h5
 from brainvq.demo import synthetic_brain_slices
+from brainvq.shards import write_slices_h5
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,8 @@ def write_synthetic_shard(path: Path, n_subjects: int, per_subject: int, size: i
 
 def benchmark_shards(args, tmp: Path) -> dict:
     """Return ``train`` shard paths, the training ``subjects`` (None = all) and the held-out ``test`` paths/subjects."""
-    from brainvq.data import read_split, shard_paths
+    from brainvq.data import read_split
+    from brainvq.shards import shard_paths
 
     if args.shards:
         if not args.split:
@@ -106,7 +107,7 @@ def benchmark_shards(args, tmp: Path) -> dict:
 
 def heldout_slices(paths: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Return ``n`` evenly spaced held-out (images, masks) from the test shards."""
-    from brainvq.data import ShardDataset
+    from brainvq.shards import ShardDataset
 
     dataset = ShardDataset(paths, with_masks=True)
     rows = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
@@ -193,10 +194,10 @@ def train_and_evaluate(name: str, args, shards: dict, queue) -> None:
     """Child process: train one model on the shared batches, evaluate on the held-out slices, report."""
     from torch.utils.data import DataLoader
 
-    from brainvq.data import ShardDataset
     from brainvq.engine import StepBatchSampler
     from brainvq.measures.similarity import brain_masked_ssim, mse_and_psnr_db, ssim
     from brainvq.runtime import autocast_context, select_device
+    from brainvq.shards import ShardDataset
 
     torch.set_num_threads(args.threads)
     device = select_device(args.device)
@@ -282,7 +283,7 @@ def result_of(child, queue) -> dict:
 
 
 def data_summary(shards: dict) -> dict:
-    from brainvq.data import ShardDataset
+    from brainvq.shards import ShardDataset
 
     train, test = ShardDataset(shards["train"], subjects=shards["train_subjects"]), ShardDataset(shards["test"])
     return {"image_size": list(train.image_size), "train_slices": len(train), "heldout_slices_available": len(test),

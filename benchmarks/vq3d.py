@@ -72,7 +72,7 @@ def run_config(path: Path) -> dict:
 
 def heldout_volumes(shards: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Return the test scans, their volumes ``(N, D, H, W)`` and masks."""
-    from brainvq.data import load_shard_rows, shard_index, shard_paths
+    from brainvq.shards import load_shard_rows, shard_index, shard_paths
 
     paths = shard_paths(shards, "test")
     index = shard_index(paths)

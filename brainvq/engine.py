@@ -504,6 +504,48 @@ class RunningSums:
         return self.slices / max(time.perf_counter() - self.clock - self.paused, 1e-9)
 
 
+def _grad_in_param_strides(param: torch.Tensor) -> Callable:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == param.stride():
+            return grad
+        return torch.empty_strided(param.shape, param.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+    return hook
+
+
+def distributed_module(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Return ``model`` wrapped for DDP (the process group must be joined)."""
+    # A parameter with a size-1 dimension (a 1x1 convolution) has two valid stride patterns, and its gradient may
+    # come back in the other one (channels_last or not); DDP then copies it into its bucket on every step and
+    # warns "grad strides do not match bucket view strides". Laying the gradient out as the parameter avoids that.
+    for param in model.parameters():
+        if param.requires_grad and param.dim() > 1 and 1 in param.shape:
+            param.register_hook(_grad_in_param_strides(param))
+    # Gradients as views into the all-reduce buckets: no extra copy. A static graph lets a model have
+    # parameters no loss reaches (the PixelCNN's last horizontal output) without a search every step.
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+        static_graph=True)
+
+
+def training_step(task: Task, module: torch.nn.Module, model: torch.nn.Module, optimizer, scheduler, batch,
+                  step: int, device: torch.device) -> dict:
+    """Run one step of ``task`` (its loss terms, backward, clipped update) and return its numbers, left on the
+    device: ``loss``, the terms, ``grad_norm`` and the task's numbers. Nothing here waits for the device.
+
+    ``module`` is what runs forward (``model``, or it wrapped for DDP or compiled)."""
+    s = task.settings
+    with autocast_context(device, s["amp"]):
+        output = task.forward(module, batch)
+    terms, numbers = task.loss_terms(output, batch, step)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"] or math.inf)
+    optimizer.step()
+    scheduler.step()
+    return {"loss": loss, **terms, "grad_norm": grad_norm, **numbers}
+
+
 def _nonfinite_message(task: Task, totals: dict, step: int, last_read: int, checkpoint: Path) -> str:
     what = "loss" if not math.isfinite(float(totals["loss"])) else "gradient norm"
     when = f"at step {step}" if step == last_read + 1 else f"between steps {last_read + 1} and {step}"
@@ -582,13 +624,7 @@ def train(task: Task, out_dir: str | Path, stale: str = "refuse", stop_at_step: 
         running.sums = {k: v.to(device) for k, v in state["running"]["sums"].items()}
         running.steps = state["running"]["steps"]
 
-    module = model
-    if procs.world > 1:
-        # Gradients as views into the all-reduce buckets: no extra copy. A static graph lets a model have
-        # parameters no loss reaches (the PixelCNN's last horizontal output) without a search every step.
-        module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-            static_graph=True)
+    module = distributed_module(model, device) if procs.world > 1 else model
     if s["compile"]:
         module = torch.compile(module)
     sampler = StepBatchSampler(task.train_size(), s["batch_size"], s["seed"], start, stop, procs.rank, procs.world)
@@ -601,17 +637,8 @@ def train(task: Task, out_dir: str | Path, stale: str = "refuse", stop_at_step: 
     module.train()
     try:
         for step, batch in zip(sampler.steps(), task.batches(sampler, device)):
-            # One step: the task's loss terms, backward, clipped update. Nothing here waits for the device.
-            with autocast_context(device, s["amp"]):
-                output = task.forward(module, batch)
-            terms, numbers = task.loss_terms(output, batch, step)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"] or math.inf)
-            optimizer.step()
-            scheduler.step()
-            running.add({"loss": loss, **terms, "grad_norm": grad_norm, **numbers}, s["batch_size"])
+            running.add(training_step(task, module, model, optimizer, scheduler, batch, step, device),
+                        s["batch_size"])
             bar.update(1)
 
             log_now = step % s["log_every"] == 0 or step == total

@@ -38,7 +38,7 @@ class VolumeNotFoundError(VolumeError, FileNotFoundError):
 
 
 class UnknownFormatError(VolumeError):
-    """The file is not NIfTI (.nii, .nii.gz) or Analyze/NIfTI pair (.hdr + .img)."""
+    """The file is not NIfTI (.nii, .nii.gz), an Analyze/NIfTI pair (.hdr + .img) or a folder of one DICOM series."""
 
 
 class MissingPairError(VolumeError):
@@ -91,11 +91,13 @@ class ScanKeyError(DiscoveryError):
 
 
 def volume_kind(path: Path) -> str:
-    """Return 'nifti' for .nii/.nii.gz, 'pair' for .hdr/.img.
+    """Return 'nifti' for .nii/.nii.gz, 'pair' for .hdr/.img, 'dicom' for a folder (one DICOM series).
 
     Raises:
         UnknownFormatError: for any other file name.
     """
+    if path.is_dir():
+        return "dicom"
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return "nifti"
@@ -103,7 +105,7 @@ def volume_kind(path: Path) -> str:
         return "pair"
     raise UnknownFormatError(
         f"{path}: unknown volume format; convert it to NIfTI (.nii/.nii.gz) or Analyze (.hdr + .img), "
-        "or move it out of the raw folder"
+        "put a DICOM series in a folder of its own, or move it out of the raw folder"
     )
 
 
@@ -183,9 +185,14 @@ def read_image(path: Path):
     """Return the nibabel image at ``path`` (header parsed, data not yet read).
 
     Raises:
-        VolumeNotFoundError, UnknownFormatError, MissingPairError, CorruptVolumeError.
+        VolumeNotFoundError, UnknownFormatError, MissingPairError, CorruptVolumeError,
+        brainvq.dicom.DicomSeriesError (a folder that is not one complete DICOM series).
     """
     kind = volume_kind(path)
+    if kind == "dicom":
+        from brainvq.dicom import read_dicom_series  # brainvq.dicom imports this module
+
+        return read_dicom_series(path)
     if kind == "pair":
         hdr, img = pair_paths(path)
         for present, absent in ((hdr, img), (img, hdr)):
@@ -316,7 +323,10 @@ def load_volume(path: str | Path, orientation: str | None = None) -> nib.Nifti1I
 
 
 def header_describes_orientation(path: Path) -> bool:
-    """Return whether the file at ``path`` is NIfTI with a usable sform/qform (False if unreadable)."""
+    """Return whether the file at ``path`` is NIfTI with a usable sform/qform, or a DICOM series folder
+    (whose geometry gives the orientation); False if unreadable."""
+    if path.is_dir():
+        return True
     try:
         return has_header_orientation(nib.load(str(path)))
     except Exception:
@@ -324,9 +334,9 @@ def header_describes_orientation(path: Path) -> bool:
 
 
 def header_format(path: Path) -> str:
-    """Return 'nifti' for NIfTI files and pairs, 'analyze' for other .hdr/.img (or unreadable pairs)."""
-    if volume_kind(path) == "nifti":
-        return "nifti"
+    """Return 'nifti' for NIfTI files and pairs, 'dicom' for a series folder, 'analyze' for other .hdr/.img."""
+    if volume_kind(path) in ("nifti", "dicom"):
+        return volume_kind(path)
     try:
         return "nifti" if isinstance(nib.load(str(pair_paths(path)[0])), nib.Nifti1Pair) else "analyze"
     except Exception:

@@ -419,3 +419,50 @@ def shard_geometry(settings: dict) -> dict:
         return {"dims": 3, "box_mm": [float(side) for side in settings["box_mm"]],
                 "voxel_mm": float(settings["spacing_mm"])}
     return {"size": settings["size"], "pixel_mm": pixel_mm(settings)}
+
+
+# ---------------------------------------------------------------------------------------- back to native space
+
+
+def slices_to_volume(slices: np.ndarray, slice_index, window, volume_shape) -> np.ndarray:
+    """Return a RAS volume of ``volume_shape`` holding ``slices`` where :func:`scan_slices` cut them from.
+
+    The inverse of the slice geometry: each ``(size, size)`` slice is resized to the window's ``side``, put at
+    (``top``, ``left``) of its axial image (rows anterior to posterior, columns left to right; parts outside
+    the image are dropped) and turned back into the volume's axial plane at ``slice_index``. Voxels of other
+    slices are 0.
+
+    Args:
+        slices: ``(N, size, size)`` images (any values: reconstructions, anomaly scores).
+        slice_index: ``(N,)`` axial indices in the RAS volume.
+        window: ``(top, left, side)``, the ``window`` of :func:`scan_slices` (``window_vox`` of a slices file).
+        volume_shape: shape of the RAS volume the slices were cut from.
+    """
+    top, left, side = (int(v) for v in window)
+    volume = np.zeros(tuple(volume_shape[:3]), np.float32)
+    slices = np.asarray(slices, np.float32)
+    if len(slices) == 0:
+        return volume
+    stack = resize(slices, (len(slices), side, side), order=1, anti_aliasing=side < slices.shape[1],
+                   preserve_range=True)
+    rows, cols = volume.shape[1], volume.shape[0]  # axial images are (A, R): rot90 of (R, A)
+    r0, r1 = max(top, 0), min(top + side, rows)
+    c0, c1 = max(left, 0), min(left + side, cols)
+    for image, k in zip(stack, np.asarray(slice_index, int)):
+        canvas = np.zeros((rows, cols), np.float32)
+        if r1 > r0 and c1 > c0:
+            canvas[r0:r1, c0:c1] = image[r0 - top:r1 - top, c0 - left:c1 - left]
+        volume[:, :, k] = np.rot90(canvas, k=-1)
+    return volume
+
+
+def resample_to_grid(img, shape, affine, order: int = 1) -> nib.Nifti1Image:
+    """Return ``img`` resampled onto the voxel grid ``(shape, affine)`` (e.g. an input file's native space), float32.
+
+    Trilinear by default; voxels the image does not cover are 0. The result has exactly ``shape`` and ``affine``.
+    """
+    from nibabel.processing import resample_from_to
+
+    resampled = resample_from_to(img, (tuple(int(n) for n in shape[:3]), np.asarray(affine, float)), order=order,
+                                 mode="constant", cval=0.0)
+    return float32_image(resampled.get_fdata(dtype=np.float32), np.asarray(affine, float))

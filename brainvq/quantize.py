@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from brainvq.data import SPLITS, LeakageError, ShardDataset, read_split, shard_paths
+from brainvq.data import SPLITS, LeakageError, read_split
 from brainvq.files import atomic_path
 from brainvq.models import VQVAE, CodeUsage, NotDiscreteError
 from brainvq.runtime import select_device
+from brainvq.shards import ShardDataset, shard_paths
+from brainvq.slice_reader import batch_loader
 from brainvq.training import load_vqvae
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def split_codes(model: VQVAE, dataset: ShardDataset, device: torch.device, batch
                 workers: int = 0) -> np.ndarray:
     """Return the codes ``(N, h, w)`` int16 of every slice of ``dataset`` (``(N, d, h, w)`` of every volume), in
     its order."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    batches = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
+    loader = batch_loader(dataset, batches, workers, pin_memory=device.type == "cuda")
     chunks = [model.encode_indices(batch["image"].to(device)).to(torch.int16).cpu().numpy() for batch in loader]
     return np.concatenate(chunks)
 

@@ -21,13 +21,14 @@ from brainvq.runtime import autocast_context
 @torch.no_grad()
 def sample_codes(prior: GatedPixelCNN, positions: Sequence[float], labels: Sequence[str] | None = None,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-                 device: str | torch.device | None = None, top_p: float = 1.0) -> torch.Tensor:
+                 device: str | torch.device | None = None, top_p: float = 1.0, amp: bool = True) -> torch.Tensor:
     """Return code maps (N, h, w) long on the CPU, drawn in raster order from the prior at slice ``positions``
     (N,) and ``labels`` (N strings, for a label-conditioned prior), logits divided by ``temperature`` and each
     code drawn from the nucleus of mass ``top_p`` (:func:`brainvq.models.pixelcnn.nucleus`).
 
     Maps are drawn ``batch_size`` at a time with one ``torch.Generator`` seeded with ``seed``: the same seed,
-    batch size and device give the same maps. The prior is moved to ``device`` (default: where it is).
+    batch size, device and ``amp`` (bf16 autocast on CUDA; ``sample.amp``) give the same maps. The prior is moved
+    to ``device`` (default: where it is).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -44,16 +45,16 @@ def sample_codes(prior: GatedPixelCNN, positions: Sequence[float], labels: Seque
         part = slice(start, start + batch_size)
         cond_labels = None if label_idx is None else label_idx[part].to(device)
         out[part] = sample_batch(prior, positions[part].to(device), cond_labels, temperature, generator,
-                                 top_p).cpu()
+                                 top_p, amp).cpu()
     return out
 
 
 def sample_batch(prior: GatedPixelCNN, positions: torch.Tensor, labels: torch.Tensor | None,
-                 temperature: float, generator: torch.Generator, top_p: float = 1.0) -> torch.Tensor:
+                 temperature: float, generator: torch.Generator, top_p: float = 1.0, amp: bool = True) -> torch.Tensor:
     """Return one batch of maps (B, h, w) drawn position by position from :meth:`GatedPixelCNN.raster_logits`."""
     device = positions.device
     codes = torch.zeros(len(positions), *prior.map_size, dtype=torch.long, device=device)
-    with autocast_context(device):
+    with autocast_context(device, amp):
         cond = prior.condition(positions, labels)
         for i, j, logits in prior.raster_logits(codes, cond, positions):
             probs = nucleus(torch.softmax(logits.float() / temperature, dim=1), top_p)
@@ -97,12 +98,12 @@ def sample_labels(prior: GatedPixelCNN, requested: Sequence[str] | None) -> list
 
 @torch.no_grad()
 def decode_codes(vqvae: torch.nn.Module, codes: torch.Tensor, batch_size: int,
-                 device: torch.device) -> np.ndarray:
+                 device: torch.device, amp: bool = True) -> np.ndarray:
     """Return images (N, H, W) float32 clipped to [0, 1], decoded from code maps (N, h, w) by
     ``vqvae.decode_indices`` (the VQ-VAE contract in docs/architecture.md)."""
     images = []
     for start in range(0, len(codes), batch_size):
-        with autocast_context(device):
+        with autocast_context(device, amp):
             decoded = vqvae.decode_indices(codes[start : start + batch_size].to(device))
         images.append(decoded.float().clamp(0, 1)[:, 0].cpu().numpy())
     return np.concatenate(images).astype(np.float32)

@@ -16,14 +16,15 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 
 from brainvq import engine
 from brainvq.config import validated_config
-from brainvq.data import ShardDataset, read_split, shard_paths, validation_subjects
+from brainvq.data import read_split, validation_subjects
 from brainvq.engine import EmptyTrainingSetError, StepBatchSampler, load_model_file
 from brainvq.models import VQVAE, CodeUsage, build_vqvae
 from brainvq.runtime import autocast_context
+from brainvq.shards import ShardDataset, shard_paths
+from brainvq.slice_reader import batch_loader
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def shards_config_hash(path: Path) -> str:
 
 def slices_fingerprint(train: ShardDataset, validation: ShardDataset | None) -> dict:
     """Return what identifies the training data: image size, the training and validation slices (scan, slice
-    index), the preprocessing hash and the shards' size in bytes (compressed images: it changes with the pixels)."""
+    index), the preprocessing hash and the shards' size in bytes (their gzip masks, and gzip images, change it with
+    the content; uncompressed images do not)."""
     digest = hashlib.sha256()
     for dataset in (train, validation):
         if dataset is not None:
@@ -101,11 +103,11 @@ def training_data(shards_dir: str | Path, split_csv: str | Path) -> TrainingData
     return TrainingData(train, validation, tuple(train.image_size), slices_fingerprint(train, validation))
 
 
-def evenly_spaced_subset(dataset, max_items: int | None):
-    """Return ``dataset`` or at most ``max_items`` evenly spaced items of it."""
-    if max_items is None or len(dataset) <= max_items:
-        return dataset
-    return Subset(dataset, np.linspace(0, len(dataset) - 1, max_items).round().astype(int).tolist())
+def evenly_spaced_batches(n: int, max_items: int | None, batch_size: int) -> list[np.ndarray]:
+    """Return the indices of all ``n`` items, or of at most ``max_items`` evenly spaced ones, cut into batches."""
+    indices = np.arange(n) if max_items is None or n <= max_items else np.unique(
+        np.linspace(0, n - 1, max_items).round().astype(np.int64))
+    return [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -242,14 +244,12 @@ class VQVAETask:
         self.model = model.to(memory_format=memory_format) if memory_format else model
         return self.model
 
-    def _loader(self, dataset, device: torch.device, **batching) -> DataLoader:
-        # Worker seeds come from this generator, not the global RNG, which a resumed run must consume exactly
-        # like an uninterrupted one.
-        return DataLoader(dataset, **batching, num_workers=self.settings["workers"], pin_memory=device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.settings["seed"]))
+    def _loader(self, dataset: ShardDataset, batches, device: torch.device, persistent: bool = False):
+        return batch_loader(dataset, batches, self.settings["workers"], pin_memory=device.type == "cuda",
+                            persistent=persistent, seed=self.settings["seed"])
 
     def batches(self, sampler: StepBatchSampler, device: torch.device):
-        for batch in self._loader(self.data.train, device, batch_sampler=sampler):
+        for batch in self._loader(self.data.train, sampler, device):
             x = batch["image"].to(device, non_blocking=True)
             memory_format = self._memory_format(device)
             yield x.contiguous(memory_format=memory_format) if memory_format else x
@@ -285,8 +285,10 @@ class VQVAETask:
         if self.data.validation is None:
             return {}
         if self._validation_loader is None:
-            subset = evenly_spaced_subset(self.data.validation, self.settings["val_max_slices"])
-            self._validation_loader = self._loader(subset, device, batch_size=self.settings["eval_batch_size"])
+            batches = evenly_spaced_batches(len(self.data.validation), self.settings["val_max_slices"],
+                                            self.settings["eval_batch_size"])
+            # Persistent workers: validation reads the same slices every val_every steps without new processes.
+            self._validation_loader = self._loader(self.data.validation, batches, device, persistent=True)
         return reconstruction_metrics(model, self._validation_loader, device, self.settings["amp"])
 
     def model_file(self, model: VQVAE, last_row: dict) -> dict:

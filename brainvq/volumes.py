@@ -1,6 +1,6 @@
 """Whole volumes (``preprocess.dims: 3``, rule cut_volume): a brain volume normalised as slices are and cut to a
 fixed physical box (``preprocess.box_mm``) at ``spacing_mm``, written as ``volumes/{scan}.h5``, the per-scan file that
-``brainvq.data.write_shards`` packs into shards of one volume per item."""
+``brainvq.shards.write_shards`` packs into shards of one volume per item."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from brainvq.config import box_problems
-from brainvq.data import write_slices_h5
+from brainvq.shards import write_slices_h5
 from brainvq.preprocessing import EmptyMaskError, PreprocessingError, scaled_intensities
 
 
@@ -119,7 +119,7 @@ def scan_volume(volume: np.ndarray, mask: np.ndarray, settings: dict, skull_stri
 
 def write_volume_file(path: str | Path, items: dict, scan: str, subject: str, attrs: dict) -> Path:
     """Write one scan's :func:`scan_volume` result as ``volumes/{scan}.h5`` in the layout of a slices file
-    (``brainvq.data.write_slices_h5``: one item, the volume), with ``attrs`` and the exclusion attributes; return
+    (``brainvq.shards.write_slices_h5``: one item, the volume), with ``attrs`` and the exclusion attributes; return
     ``path``."""
     n = len(items["slice_index"])
     exclusion = {"split": "", "excluded_reason": items["excluded_reason"], "excluded_stage": items["excluded_stage"]}

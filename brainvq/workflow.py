@@ -69,7 +69,7 @@ def rebuild_reason(outputs: Sequence[str], consumer_outputs: Sequence[Sequence[s
     Args:
         outputs: the stage rule's outputs (files or folders).
         consumer_outputs: the outputs of each rule that reads one of ``outputs``.
-        missing_parts: for a folder output, the files it should hold but lacks (``data.missing_shard_files``).
+        missing_parts: for a folder output, the files it should hold but lacks (``shards.missing_shard_files``).
     """
     for path in outputs:
         lacking = missing_parts(Path(path)) if Path(path).is_dir() else []

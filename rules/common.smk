@@ -6,8 +6,10 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from brainvq.apply import require_apply_input
+from brainvq.bundle import read_bundle, trained_preprocess
 from brainvq.config import check_startup
-from brainvq.data import missing_shard_files
+from brainvq.shards import missing_shard_files
 from brainvq.io import SCAN_KEY_PATTERN, pair_paths, read_scans_table
 from brainvq.sources import get_source
 from brainvq.workflow import rebuild_reason, request_rebuild
@@ -16,14 +18,30 @@ validate(config, "../config/schema.yaml")
 # Everything the config alone decides (sizes vs downsampling, regexes, paths) stops the run here, before any job.
 check_startup(config)
 
-RUN = config["run"]
-RUN_DIR = f"{config['results_dir']}/{RUN}"
+# Apply mode (apply.model set): a trained model runs on new scans instead of training. Its bundle is
+# checked here (an unfinished run, another format or a changed file stop the run), and from here on the
+# dataset is apply.input and preprocessing is the bundle's: the settings the model was trained with.
+APPLY = config["apply"]["model"] is not None
+if APPLY:
+    BUNDLE_DIR, BUNDLE = read_bundle(config["apply"]["model"])
+    config["dataset"] = config["apply"]["input"]
+    config["preprocess"] = trained_preprocess(BUNDLE, config["apply"]["on_error"])
+    BUNDLE_FILES = [
+        f"{BUNDLE_DIR}/{name}" for name in ("bundle.json", "vqvae.pt", "prior.pt")
+    ]
+    RUN = BUNDLE["run"]
+    RUN_DIR = f"{config['results_dir']}/{RUN}/apply/{config['apply']['name']}"
+else:
+    RUN = config["run"]
+    RUN_DIR = f"{config['results_dir']}/{RUN}"
 RESOURCES = config["resources_dir"]
 # The data source (brainvq/sources/<dataset.source>.py): rules ask it, never test its name.
 # Checked at parse time: an unknown name, missing settings or unaccepted terms stop the run here.
 SOURCE = get_source(config["dataset"]["source"])
 RAW_ROOT = SOURCE.raw_root(config)
 SOURCE.require_terms(config)
+if APPLY:
+    require_apply_input(RAW_ROOT, SOURCE.name)
 if SOURCE.terms:
     print(f"brainvq: {SOURCE.name} terms of use:\n{SOURCE.terms}", file=sys.stderr)
 
@@ -111,6 +129,13 @@ def skull_strip_files(wildcards):
         if mask.lower().endswith(".hdr"):
             files["precomputed_mask_pair"] = str(pair_paths(Path(mask))[1])
     return files
+
+
+def applied_files(folder, suffix):
+    """Input function maker (apply mode): <folder>/<scan><suffix> of every discovered scan."""
+    return lambda wildcards: [
+        out(f"{folder}/{scan}{suffix}") for scan in discovered_scans()
+    ]
 
 
 def brain_files(wildcards):

@@ -15,6 +15,8 @@ rule quantize:
     conda:
         "../envs/torch.yaml"
     threads: 2
+    resources:
+        gpu=1,
     params:
         batch_size=config["vqvae"]["eval_batch_size"],
         workers=config["vqvae"]["workers"],

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainvq.data import write_slices_h5
+from brainvq.shards import write_slices_h5
 from brainvq.demo import synthetic_brain_slices  # noqa: F401 (tests import it from here)
 
 # CI has 2 cores; tests are tiny, so one thread avoids oversubscription when pytest runs in parallel.

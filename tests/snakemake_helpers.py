@@ -1,6 +1,6 @@
 """Helpers for the tests that drive the workflow itself: load its rules, run snakemake, read dry runs.
 
-Used by tests/test_envs.py, test_lint.py, test_rerun.py and test_slurm.py.
+Used by tests/test_envs.py, test_lint.py, test_rerun.py, test_slurm.py and test_apply.py.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ PIPELINE_RULES = (
     "sample",
     "evaluate",
     "report",
+    "bundle_model",
 )
 # What a workflow copy needs to run on its own: a checkout without docs and tests.
 WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "envs", "profiles", ".test", "brainvq")
@@ -166,11 +167,29 @@ SOURCE_CONFIGS = (("config.yaml",), ("config.yaml", "ixi.yaml"), ("config.yaml",
 
 
 @functools.lru_cache(maxsize=1)
+def apply_mode_config() -> Path:
+    """A config file that puts the workflow in apply mode: a bundle of untrained models (real files) and an
+    empty folder of scans, in a temporary folder kept for the test session."""
+    import tempfile
+
+    from model_files import write_untrained_bundle
+
+    root = Path(tempfile.mkdtemp(prefix="brainvq-apply-mode-"))
+    bundle = write_untrained_bundle(root / "results" / "untrained", run="untrained")
+    (root / "scans").mkdir()
+    path = root / "apply.yaml"
+    path.write_text(yaml.safe_dump({"apply": {"model": str(bundle), "name": "check",
+                                              "input": {"source": "local", "local_dir": str(root / "scans")}}}))
+    return path
+
+
+@functools.lru_cache(maxsize=1)
 def repo_rules() -> tuple[dict, ...]:
-    """Every rule of the repository's workflow, over the demo and a download configuration."""
+    """Every rule of the repository's workflow, over the demo and a download configuration and apply mode."""
     rules = {rule["name"]: rule for rule in repo_workflow()["rules"]}
-    for configs in SOURCE_CONFIGS[1:]:
-        for rule in load_rules(configfiles=[REPO / "config" / name for name in configs]):
+    configs = [[REPO / "config" / name for name in names] for names in SOURCE_CONFIGS[1:]]
+    for files in [*configs, [REPO / "config" / "config.yaml", apply_mode_config()]]:
+        for rule in load_rules(configfiles=files):
             rules.setdefault(rule["name"], rule)
     return tuple(rules.values())
 

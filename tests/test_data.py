@@ -17,24 +17,26 @@ from conftest import REPO, synthetic_brain_slices, write_shard
 
 from brainvq.data import (
     LeakageError,
-    ShardDataset,
     ShardError,
     ShardFormatError,
     ShardSizeError,
     SplitError,
     make_split,
     merge_participants,
-    qc_montage,
     read_split,
+    subject_split,
+    validation_subjects,
+)
+from brainvq.files import write_table_atomic
+from brainvq.shards import (
+    ShardDataset,
+    qc_montage,
     scan_montage,
     shard_image_size,
     shard_paths,
-    subject_split,
-    validation_subjects,
     write_shards,
     write_slices_h5,
 )
-from brainvq.files import write_table_atomic
 
 SPLIT = {"test_fraction": 0.1, "val_fraction": 0.1, "seed": 0, "stratify": None}
 
@@ -394,8 +396,8 @@ def test_split_shards_and_montage_rules_run_under_snakemake(tmp_path):
     assert (run / "qc" / "montage" / "S00.png").exists() and (run / "logs" / "split.log").exists()
 
 
-def test_importing_brainvq_data_leaves_torch_and_sklearn_unloaded_for_light_per_scan_jobs():
-    code = "import sys, brainvq.data; print('torch' in sys.modules, 'sklearn' in sys.modules)"
+def test_importing_brainvq_data_and_shards_leaves_torch_and_sklearn_unloaded_for_light_per_scan_jobs():
+    code = "import sys, brainvq.data, brainvq.shards; print('torch' in sys.modules, 'sklearn' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
 

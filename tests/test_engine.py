@@ -200,3 +200,31 @@ def test_training_steps_read_nothing_back_from_the_device_between_log_steps(tiny
 
 if __name__ == "__main__":  # one process of the torchrun test
     train_both(*sys.argv[1:])
+
+
+def test_ddp_lays_out_1x1_convolution_gradients_as_their_buckets_so_nothing_is_copied_or_warned():
+    # A 1x1 convolution's weight gradient comes back in the other of its two valid stride patterns; DDP then
+    # warns "grad strides do not match bucket view strides" and copies it every step (seen with gloo on the CPU).
+    import warnings
+
+    import torch.distributed as dist
+
+    from brainvq.engine import _free_port, distributed_module
+    from brainvq.models import build_vqvae
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = build_vqvae(tiny_vqvae_section())
+        assert any(p.dim() == 4 and p.shape[-2:] == (1, 1) for p in model.parameters())
+        module = distributed_module(model, torch.device("cpu"))
+        x = torch.rand(2, 1, 32, 32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                reconstruction, aux = module(x)
+                ((reconstruction - x).abs().mean() + sum(aux["loss"].values())).backward()
+        assert not [w for w in caught if "bucket view strides" in str(w.message)]
+        assert all(p.grad.stride() == p.stride() for p in model.parameters() if p.grad is not None)
+    finally:
+        dist.destroy_process_group()

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from brainvq import evaluation, reporting
 from brainvq.evaluation import anomaly as healing
 from brainvq.config import load_config
-from brainvq.data import read_slice_metadata
 from brainvq.measures.similarity import RECONSTRUCTION_METRICS
 from brainvq.measures.statistics import per_scan_means
 from brainvq.models.pixelcnn import GatedPixelCNN
+from brainvq.shards import read_slice_metadata
 from brainvq.sources import get_source
 from conftest import synthetic_brain_slices
 

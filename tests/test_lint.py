@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from snakemake_helpers import REPO, SOURCE_CONFIGS, child_env, run_snakemake
+from snakemake_helpers import REPO, SOURCE_CONFIGS, apply_mode_config, child_env, run_snakemake
 
 SNAKEMAKE_SOURCES = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
 
@@ -22,6 +22,14 @@ def test_snakemake_lint_finds_nothing(configs, tmp_path):
         "--configfile", *configfiles, check=False, timeout=300,
     )
     assert proc.returncode == 0, f"snakemake --lint reported problems:\n{proc.stdout[-8000:]}"
+
+
+def test_snakemake_lint_finds_nothing_in_apply_mode(tmp_path):
+    proc = run_snakemake(
+        "--lint", "--snakefile", REPO / "Snakefile", "--directory", tmp_path,
+        "--configfile", REPO / "config" / "config.yaml", apply_mode_config(), check=False, timeout=300,
+    )
+    assert proc.returncode == 0, f"snakemake --lint reported problems in apply mode:\n{proc.stdout[-8000:]}"
 
 
 def test_snakefmt_leaves_the_workflow_unchanged():

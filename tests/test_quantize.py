@@ -40,7 +40,7 @@ def test_quantize_writes_one_code_file_per_scan_in_its_split_folder_in_slice_ord
     assert t01["slice_index"].tolist() == sorted(t01["slice_index"]) and t01["row"].tolist() == list(range(8))
     # The codes are the model's codes of those slices.
     model = load_vqvae(out / "model.pt")
-    from brainvq.data import ShardDataset, shard_paths
+    from brainvq.shards import ShardDataset, shard_paths
 
     dataset = ShardDataset(shard_paths(shards, "test"), subjects={"T01"})
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])

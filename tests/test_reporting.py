@@ -310,7 +310,7 @@ def chromium() -> str:
 def run_chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=90)
+        return subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=90)
     except subprocess.TimeoutExpired:
         pytest.skip(f"Chromium did not finish within 90 s: {' '.join(command)}")
 

@@ -67,13 +67,13 @@ def test_second_run_has_nothing_to_do(tiny_run):
     assert tiny_run.dry_run() == {}, "a second run of an unchanged workflow would rerun jobs"
 
 
-def test_changing_a_pixelcnn_parameter_reruns_only_prior_sampling_evaluation_and_report(
+def test_changing_a_pixelcnn_parameter_reruns_only_prior_sampling_evaluation_report_and_bundle(
     tiny_run, graph, tmp_path
 ):
     seed = yaml.safe_load(tiny_run.config.read_text()).get("pixelcnn", {}).get("seed", 0)
     config = changed_config(tiny_run, tmp_path, "pixelcnn", "seed", seed + 1)
     rerun = tiny_run.dry_run(configfile=config)
-    assert set(rerun) == {"train_pixelcnn", "sample", "evaluate", "report"}, rerun
+    assert set(rerun) == {"train_pixelcnn", "sample", "evaluate", "report", "bundle_model"}, rerun
     assert set(rerun) == downstream(graph, "train_pixelcnn")
     assert all(count == 1 for count in rerun.values()), rerun
 

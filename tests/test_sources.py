@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainvq.acquire import TermsNotAcceptedError
 from brainvq.config import validated_config
-from brainvq.data import stratify_column
+from brainvq.data import stratify_column, subject_split
 from brainvq.demographics import COLUMNS, DemographicsError
 from brainvq.io import (
     InvalidVolumesError,
@@ -24,12 +25,22 @@ from brainvq.io import (
 )
 from brainvq.evaluation import probe_target_spec
 from brainvq.sources import KINDS, Source, SourceError, available_sources, get_source
+from brainvq.sources.bids import BidsLayoutError, MissingScanError
 from brainvq.sources.ixi import ixi_site, normalise_ixi
 from brainvq.sources.oasis1 import normalise_oasis1
 from brainvq.sources.oasis2 import normalise_oasis2
 from snakemake_helpers import TinyRun, copy_workflow, tiny_config
 from test_io import config, tiny_data, write_analyze, write_nifti
 from test_workflow import head_affine, head_volume
+from volume_trees import (
+    asymmetric_head,
+    nifti,
+    oblique_affine,
+    write_adni_collection_csv,
+    write_adni_tree,
+    write_bids_tree,
+    write_dicom_series,
+)
 
 # The demographics files under the raw folder; the rest is the schema's defaults.
 CONFIG = validated_config({"datasets": {"oasis1": {"demographics_file": "oasis_cross-sectional.csv"}}})
@@ -82,7 +93,7 @@ def participants(name: str, raw_root: Path, config: dict, scans: pd.DataFrame) -
 # ---------------------------------------------------------------------------------------------- interface
 
 def test_every_source_module_defines_a_complete_source():
-    assert {"demo", "ixi", "oasis1", "oasis2", "local"} <= set(available_sources())
+    assert {"demo", "ixi", "oasis1", "oasis2", "local", "bids", "adni"} <= set(available_sources())
     settings = config(dataset={"local_dir": "/data/t1"})
     for name in available_sources():
         source = get_source(name)
@@ -95,10 +106,10 @@ def test_every_source_module_defines_a_complete_source():
 
 
 def test_an_unknown_source_is_refused_listing_the_available_ones():
-    with pytest.raises(SourceError, match="dataset.source 'bids' is not a data source") as error:
-        get_source("bids")
+    with pytest.raises(SourceError, match="dataset.source 'nifd' is not a data source") as error:
+        get_source("nifd")
     assert all(name in str(error.value) for name in available_sources())
-    assert "brainvq/sources/bids.py" in str(error.value)
+    assert "brainvq/sources/nifd.py" in str(error.value)
 
 
 def test_auto_means_the_source_default_and_an_explicit_setting_wins():
@@ -436,6 +447,151 @@ def test_local_analyze_requires_analyze_orientation(tmp_path):
         discover_scans(get_source("local"), tmp_path, config())
     scans = discover_scans(get_source("local"), tmp_path, config(dataset={"analyze_orientation": "LAS"}))
     assert scans.loc[0, ["format", "orientation"]].tolist() == ["analyze", "LAS"]
+
+# --------------------------------------------------------------------------------------------- BIDS
+
+
+@pytest.fixture(scope="module")
+def t1_image():
+    """One small head volume (NIfTI image), reused for every file of the BIDS and ADNI trees."""
+    return nifti(asymmetric_head(), oblique_affine())
+
+
+def bids_config(root: Path, **bids) -> dict:
+    return config(dataset={"source": "bids", "local_dir": str(root)}, datasets={"bids": bids})
+
+
+def discover_bids(root: Path, **bids) -> pd.DataFrame:
+    return discover_scans(get_source("bids"), root, bids_config(root, **bids))
+
+
+def test_bids_discovery_finds_exactly_the_t1w_scans_with_subjects_and_sessions(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image)
+    scans = discover_bids(root)
+    assert scans[["scan", "subject", "session"]].values.tolist() == [
+        ["sub-01", "sub-01", ""], ["sub-02_ses-1", "sub-02", "ses-1"], ["sub-02_ses-2", "sub-02", "ses-2"],
+        ["sub-03_ses-1", "sub-03", "ses-1"]]
+    names = [Path(path).name for path in scans["path"]]
+    assert all(name.split(".")[0].endswith("_T1w") for name in names)  # no T2w, FLAIR or bold
+    assert names[1] == "sub-02_ses-1_run-2_T1w.nii.gz"  # runs: last
+
+
+def test_bids_run_rule_first_or_all_and_entity_filters(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image)
+    first = discover_bids(root, runs="first")
+    assert Path(first.loc[first["scan"] == "sub-02_ses-1", "path"].item()).name == "sub-02_ses-1_run-1_T1w.nii.gz"
+    every = discover_bids(root, runs="all")
+    assert every["scan"].tolist() == ["sub-01", "sub-02_ses-1_run-1", "sub-02_ses-1_run-2", "sub-02_ses-2_acq-mprage",
+                                      "sub-03_ses-1"]
+    assert set(every["subject"]) == {"sub-01", "sub-02", "sub-03"}
+    with pytest.raises(Exception, match=r"have no T1w image matching .*acquisition.*sub-01"):
+        discover_bids(root, filters={"acquisition": "mprage"})
+    only = discover_bids(root, filters={"acquisition": "mprage"}, exclude_subjects=["sub-01", "03"])
+    assert only["scan"].tolist() == ["sub-02_ses-2"]
+
+
+def test_bids_participants_and_session_ages_reach_the_split_which_keeps_sessions_together(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image)
+    pd.DataFrame({"session_id": ["ses-1", "ses-2"], "age": [67.0, 69.5]}).to_csv(
+        root / "sub-02" / "sub-02_sessions.tsv", sep="\t", index=False)
+    scans = discover_bids(root)
+    table = participants("bids", root, bids_config(root), scans)
+    rows = {(r.subject, r.session if isinstance(r.session, str) else ""): (r.age, r.sex, r.group)
+            for r in table.itertuples()}
+    assert rows == {("sub-01", ""): (31, "F", "control"), ("sub-02", "ses-1"): (67.0, "M", "patient"),
+                    ("sub-02", "ses-2"): (69.5, "M", "patient"), ("sub-03", "ses-1"): (45, "F", "control")}
+    for seed in range(5):
+        split = subject_split(scans, table, test_fraction=0.34, val_fraction=0.0, seed=seed)
+        assert split.groupby("subject")["split"].nunique().max() == 1
+        assert split.set_index("scan").loc["sub-02_ses-2", "age"] == 69.5
+
+
+def test_bids_folder_without_dataset_description_is_refused_naming_the_file(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image, description=False)
+    with pytest.raises(BidsLayoutError, match=r"bids/dataset_description.json does not exist.*dataset.local_dir"):
+        discover_bids(root)
+
+
+def test_bids_subject_without_t1w_is_refused_naming_it_and_the_fix(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image)
+    (root / "sub-04" / "anat").mkdir(parents=True)
+    nib.save(t1_image, root / "sub-04" / "anat" / "sub-04_T2w.nii.gz")
+    with pytest.raises(MissingScanError, match=r"bids/sub-04.*exclude_subjects: \[sub-04\]"):
+        discover_bids(root)
+    assert "sub-04" not in discover_bids(root, exclude_subjects=["sub-04"])["subject"].tolist()
+
+
+def test_bids_sourcedata_dicom_series_stands_in_for_a_missing_nifti(tmp_path, t1_image):
+    root = write_bids_tree(tmp_path / "bids", t1_image)
+    (root / "sub-05" / "anat").mkdir(parents=True)
+    nib.save(t1_image, root / "sub-05" / "anat" / "sub-05_T2w.nii.gz")
+    write_dicom_series(t1_image, root / "sourcedata" / "sub-05" / "anat" / "sub-05_T1w")
+    write_dicom_series(t1_image, root / "sourcedata" / "sub-01" / "anat" / "sub-01_T1w")  # has a NIfTI: unused
+    write_dicom_series(t1_image, root / "sourcedata" / "sub-05" / "anat" / "sub-05_T2w")
+    scans = discover_bids(root).set_index("scan")
+    assert scans.loc["sub-05", "format"] == "dicom" and scans.loc["sub-01", "format"] == "nifti"
+    assert scans.loc["sub-05", "path"] == str(root / "sourcedata" / "sub-05" / "anat" / "sub-05_T1w")
+
+
+# --------------------------------------------------------------------------------------------- ADNI
+
+
+def adni_config(root: Path, **adni) -> dict:
+    return config(dataset={"source": "adni", "local_dir": str(root)}, datasets={"adni": adni})
+
+
+def test_adni_visits_are_sessions_of_one_subject_from_nifti_and_dicom(tmp_path, t1_image):
+    write_adni_tree(tmp_path / "download", t1_image)
+    scans = discover_scans(get_source("adni"), tmp_path / "download", adni_config(tmp_path / "download"))
+    assert scans[["scan", "subject", "session", "format"]].values.tolist() == [
+        ["002_S_0295_2006-04-18", "002_S_0295", "2006-04-18", "nifti"],
+        ["002_S_0295_2007-05-02", "002_S_0295", "2007-05-02", "dicom"],
+        ["011_S_0002_2005-09-08", "011_S_0002", "2005-09-08", "nifti"]]
+    assert scans.loc[0, "path"].endswith("_S13408_I13722.nii")  # the scheduled scan, not MPRAGE_Repeat
+    # Pointing at ADNI/ itself finds the same; 'all' keeps the repeat as a scan of its own.
+    again = discover_scans(get_source("adni"), tmp_path / "download" / "ADNI", adni_config(tmp_path / "download"))
+    assert again["scan"].tolist() == scans["scan"].tolist()
+    every = discover_scans(get_source("adni"), tmp_path / "download",
+                           adni_config(tmp_path / "download", images_per_visit="all", description="MPRAGE"))
+    assert every["scan"].tolist() == ["002_S_0295_2006-04-18_I13722", "002_S_0295_2006-04-18_I13723",
+                                      "002_S_0295_2007-05-02_I55001"]
+    split = subject_split(scans, participants("adni", tmp_path, adni_config(tmp_path), scans), 0.5, 0.0, seed=0)
+    assert split.groupby("subject")["split"].nunique().max() == 1
+
+
+def test_adni_collection_csv_gives_age_sex_and_group_per_visit(tmp_path, t1_image):
+    write_adni_tree(tmp_path, t1_image)
+    write_adni_collection_csv(tmp_path / "T1_collection_6_01_2026.csv")
+    settings = adni_config(tmp_path, demographics="T1_collection_6_01_2026.csv")
+    scans = discover_scans(get_source("adni"), tmp_path, settings)
+    table = participants("adni", tmp_path, settings, scans)
+    assert table[["subject", "session", "age", "sex", "group"]].values.tolist() == [
+        ["002_S_0295", "2006-04-18", 84, "M", "CN"], ["002_S_0295", "2007-05-02", 85, "M", "CN"],
+        ["011_S_0002", "2005-09-08", 74, "F", "AD"]]
+
+
+def test_adnimerge_matches_the_nearest_exam_within_the_window_with_age_at_the_scan(tmp_path, t1_image):
+    write_adni_tree(tmp_path, t1_image)
+    pd.DataFrame({"PTID": ["002_S_0295", "002_S_0295", "011_S_0002"], "VISCODE": ["bl", "m12", "bl"],
+                  "EXAMDATE": ["2006-05-02", "2007-05-10", "2004-01-01"], "AGE": [84.8, 84.8, 73.7],
+                  "PTGENDER": ["Male", "Male", "Female"], "DX": ["CN", "CN", "Dementia"], "MMSE": [28, 29, 20],
+                  "SITE": [2, 2, 11]}).to_csv(tmp_path / "ADNIMERGE.csv", index=False)
+    settings = adni_config(tmp_path, demographics=str(tmp_path / "ADNIMERGE.csv"))
+    scans = discover_scans(get_source("adni"), tmp_path, settings)
+    table = participants("adni", tmp_path, settings, scans).set_index("session")
+    assert table.loc["2007-05-02", "viscode"] == "m12" and table.loc["2007-05-02", "mmse"] == 29
+    assert table.loc["2007-05-02", "age"] == pytest.approx(84.8 + 365 / 365.25)
+    assert table.loc["2006-04-18", "age"] == pytest.approx(84.8 - 14 / 365.25)
+    assert pd.isna(table.loc["2005-09-08", "age"])  # the only exam is 20 months away
+
+
+def test_adni_needs_its_data_use_agreement_accepted(tmp_path):
+    source = get_source("adni")
+    with pytest.raises(TermsNotAcceptedError, match=r"(?s)ADNI Data Use Agreement.*accept_terms: true"):
+        source.require_terms(adni_config(tmp_path))
+    source.require_terms(adni_config(tmp_path, accept_terms=True))
+    assert "adni.loni.usc.edu" in source.terms and "ADNI_Acknowledgement_List.pdf" in source.attribution_html
+
 
 # ------------------------------------------------------------------------------------- a new source
 

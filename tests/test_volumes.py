@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from brainvq.config import load_config
-from brainvq.data import ShardDataset, shard_image_size, shard_paths, write_shards
+from brainvq.shards import ShardDataset, shard_image_size, shard_paths, write_shards
 from brainvq.preprocessing import PreprocessingError, shard_geometry
 from brainvq.volumes import scan_volume, volume_box_voxels, write_volume_file
 

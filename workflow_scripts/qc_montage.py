@@ -1,6 +1,6 @@
 """Snakemake adapter for rule `qc_montage`: one scan's slices file -> a PNG grid (or why it was excluded)."""
 
-from brainvq.data import scan_montage
+from brainvq.shards import scan_montage
 from brainvq.workflow import logged
 
 with logged(snakemake):  # noqa: F821 (snakemake is injected by the script directive)

@@ -23,8 +23,9 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
     labels = sample_labels(prior, settings["labels"])
     positions, map_labels = sample_plan(settings["n"], settings["positions"], labels)
     codes = sample_codes(prior, positions, map_labels, settings["temperature"], settings["seed"],
-                         settings["batch_size"], device, settings["top_p"])
-    images = decode_codes(load_vqvae(snakemake.input.vqvae, device), codes, settings["batch_size"], device)
+                         settings["batch_size"], device, settings["top_p"], settings["amp"])
+    images = decode_codes(load_vqvae(snakemake.input.vqvae, device), codes, settings["batch_size"], device,
+                          settings["amp"])
     log.info("sampled %d maps %s, decoded to %s", len(codes), tuple(codes.shape[1:]), images.shape[1:])
     write_samples(snakemake.output.samples, codes.numpy(), images, positions, map_labels,
                   attrs={"temperature": settings["temperature"], "top_p": settings["top_p"], "seed": settings["seed"],

@@ -1,9 +1,9 @@
 """Snakemake adapter for rule `slice_volume`: brain volume + mask -> normalised axial slices (slices/{scan}.h5)."""
 
 from brainvq.config import config_hash
-from brainvq.data import write_slices_h5
 from brainvq.preprocessing import scan_slices
 from brainvq.qc import gated_brain
+from brainvq.shards import write_slices_h5
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)

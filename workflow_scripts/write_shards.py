@@ -3,8 +3,9 @@
 from pathlib import Path
 
 from brainvq.config import config_hash
-from brainvq.data import read_split, write_shards
+from brainvq.data import read_split
 from brainvq.preprocessing import mask_kind, shard_geometry
+from brainvq.shards import write_shards
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
@@ -15,6 +16,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         snakemake.output[0],
         shard_size=preprocess["shard_size"],
         dtype=preprocess["dtype"],
+        compression=preprocess["shard_compression"],
         attrs={
             "spacing_mm": preprocess["spacing_mm"],
             **shard_geometry(preprocess),

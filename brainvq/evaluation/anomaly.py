@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brainvq.data import shard_chunks
 from brainvq.evaluation.inputs import EvaluationRun
 from brainvq.evaluation.reconstruction import model_outputs
 from brainvq.measures.anomaly import (
@@ -33,6 +32,7 @@ from brainvq.measures.anomaly import (
 )
 from brainvq.prior import label_indices
 from brainvq.sampling import decode_codes
+from brainvq.shards import shard_chunks
 
 MODEL_FREE = ("mean_slice", "zscore")
 

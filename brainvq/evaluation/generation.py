@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brainvq.data import load_shard_rows, shard_chunks, shard_index
 from brainvq.evaluation.inputs import EvaluationRun
 from brainvq.evaluation.judge import (
     C2ST_PAIRS,
@@ -29,6 +28,7 @@ from brainvq.measures.baselines import (
 from brainvq.measures.distributions import frechet_distance, matched_real_indices, mean_pairwise_ms_ssim
 from brainvq.measures.similarity import ms_ssim_window_px
 from brainvq.sampling import decode_codes
+from brainvq.shards import load_shard_rows, shard_chunks, shard_index
 
 FD_LABEL = "FD (VQ-VAE encoder features; not comparable to FID)"
 MASK_LABEL = "the shards' masks (the brain mask, or the head mask with preprocess.skull_strip none)"

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainvq.data import load_shard_rows, read_split, shard_index, shard_paths
+from brainvq.data import read_split
 from brainvq.prior import (
     bits_per_code,
     label_indices,
@@ -21,6 +21,7 @@ from brainvq.prior import (
     uniform_bits,
     unigram_bits,
 )
+from brainvq.shards import load_shard_rows, shard_index, shard_paths
 
 
 class EvaluationInputError(ValueError):

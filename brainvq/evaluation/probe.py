@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainvq.data import shard_chunks
 from brainvq.evaluation.inputs import EvaluationRun
 from brainvq.measures.codebook import code_histogram
 from brainvq.measures.probe import binary_probe_labels, downsampled_mean_slice, parse_probe_target, probe_result
+from brainvq.shards import shard_chunks
 
 
 def probe_target_spec(evaluate_config: dict, source_defaults: dict) -> str:

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainvq.data import shard_chunks
 from brainvq.evaluation.inputs import EvaluationRun
 from brainvq.measures.codebook import code_counts, codebook_usage
 from brainvq.measures.similarity import RECONSTRUCTION_METRICS, reconstruction_metric_table
 from brainvq.measures.statistics import per_scan_means, per_subject_means, summaries_by_unit
+from brainvq.shards import shard_chunks
 
 
 def model_outputs(model, images: np.ndarray, device, batch_size: int, what: str) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainvq.data import load_shard_rows, shard_index, shard_paths
+from brainvq.shards import load_shard_rows, shard_index, shard_paths
 from brainvq.evaluation.inputs import EvaluationInputError, EvaluationResult
 from brainvq.evaluation.reconstruction import model_outputs
 from brainvq.measures.codebook import code_counts, codebook_usage

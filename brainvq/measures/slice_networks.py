@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brainvq.engine import training_step
+
 
 class SliceCNN(nn.Module):
     """A small CNN from slices ``(B, 1, S, S)`` to ``outputs`` numbers per slice.
@@ -63,14 +65,30 @@ def fit_slice_network(images: np.ndarray, targets: np.ndarray, loss: str, epochs
     model = SliceCNN(1, width, size)
     x, y = slices_tensor(images, size), torch.tensor(np.asarray(targets, np.float32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
-    criterion = nn.BCEWithLogitsLoss() if loss == "logistic" else nn.L1Loss()
+    constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    task = JudgeTask(nn.BCEWithLogitsLoss() if loss == "logistic" else nn.L1Loss())
     model.train()
+    device = torch.device("cpu")
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            criterion(model(x[batch])[:, 0], y[batch]).backward()
-            optimizer.step()
+            training_step(task, model, model, optimizer, constant_lr, (x[batch], y[batch]), 0, device)
     return model.eval()
+
+
+class JudgeTask:
+    """The step of :func:`fit_slice_network` as a :class:`brainvq.engine.Task` for the engine's one training step
+    (no mixed precision, no gradient clipping); the engine's checkpointed loop is not needed for seconds of CPU."""
+
+    settings = {"amp": False, "grad_clip": None}
+
+    def __init__(self, criterion: nn.Module):
+        self.criterion = criterion
+
+    def forward(self, module: nn.Module, batch):
+        return module(batch[0])[:, 0]
+
+    def loss_terms(self, output, batch, step: int) -> tuple[dict, dict]:
+        return {"loss_term": self.criterion(output, batch[1])}, {}
 
 
 @torch.no_grad()

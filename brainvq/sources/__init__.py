@@ -82,6 +82,22 @@ class Source:
         """Raise ``brainvq.acquire.TermsNotAcceptedError`` when the config has not accepted required terms."""
 
 
+class FolderSource(Source):
+    """A source whose volumes are already on disk in ``dataset.local_dir`` (local, bids, adni)."""
+
+    kind = "folder"
+    local_dir_means = "the folder that holds the volumes"
+
+    def raw_root(self, config: dict) -> str:
+        """Return ``dataset.local_dir``; raises SourceError naming the key when it is not set."""
+        if not config["dataset"]["local_dir"]:
+            raise SourceError(
+                f"dataset.source is {self.name!r} but dataset.local_dir is not set: add "
+                f"'dataset: {{local_dir: /path/to/data}}' ({self.local_dir_means}) to your config file"
+            )
+        return config["dataset"]["local_dir"]
+
+
 def available_sources() -> list[str]:
     """Return the names of the source modules in brainvq/sources/."""
     return sorted(module.name for module in pkgutil.iter_modules(__path__) if not module.name.startswith("_"))

@@ -1,6 +1,7 @@
-"""Your own folder of volumes (``dataset.source: local``): NIfTI or Analyze files at any depth in ``dataset.local_dir``.
+"""Your own folder of volumes (``dataset.source: local``): NIfTI or Analyze files, or DICOM series (a folder of
+one series' files), at any depth in ``dataset.local_dir``.
 
-The scan key comes from each file name through ``dataset.subject_regex``; Analyze files need
+The scan key comes from each file name (a series' folder name) through ``dataset.subject_regex``; Analyze files need
 ``dataset.analyze_orientation``; ``dataset.participants`` names an optional participants.tsv.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainvq.demographics import COLUMNS, read_participants_tsv, with_scanned_subjects
+from brainvq.dicom import dicom_series_folders
 from brainvq.io import (
     SCAN_KEY_PATTERN,
     MissingOrientationError,
@@ -21,7 +23,7 @@ from brainvq.io import (
     scan_row,
     visible_files,
 )
-from brainvq.sources import Source, SourceError
+from brainvq.sources import FolderSource
 
 
 def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
@@ -47,15 +49,19 @@ def local_scan_key(path: Path, regex: re.Pattern) -> tuple[str, str, str]:
 
 
 def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | None) -> list[dict]:
-    """Return rows for every .nii/.nii.gz/.hdr (+.img) under ``raw_root`` that is not a ``*_brainmask`` file, keyed
-    by ``subject_regex``.
+    """Return rows for every .nii/.nii.gz/.hdr (+.img) that is not a ``*_brainmask`` file, and every DICOM series
+    folder, under ``raw_root``, keyed by ``subject_regex``.
 
     Raises:
         MissingOrientationError: Analyze files are present but ``analyze_orientation`` is not set.
     """
     regex = re.compile(subject_regex)
     rows = []
-    for path in visible_files(raw_root):
+    files = list(visible_files(raw_root))
+    for folder in dicom_series_folders(files):
+        scan, subject, session = local_scan_key(folder, regex)
+        rows.append(scan_row(scan, subject, session, folder, None))
+    for path in files:
         name = path.name.lower()
         if not name.endswith((".nii", ".nii.gz", ".hdr", ".img")) or is_brain_mask_path(path):
             continue  # a precomputed brain mask belongs to the volume beside it (scan_row's 'mask')
@@ -75,23 +81,14 @@ def local_rows(raw_root: Path, subject_regex: str, analyze_orientation: str | No
     return rows
 
 
-class Local(Source):
+class Local(FolderSource):
     name = "local"
-    kind = "folder"
-    layout = ".nii, .nii.gz or .hdr/.img files (at any depth)"
+    layout = ".nii, .nii.gz or .hdr/.img files, or folders of one DICOM series each (at any depth)"
     defaults = {"stratify": None, "probe_target": "sex", "skull_strip": "none"}
     attribution_html = """\
 <p>This run uses local data supplied by the user (<code>dataset.local_dir</code>). Add its source, licence and
 citation here before sharing results.</p>
 """
-
-    def raw_root(self, config: dict) -> str:
-        if not config["dataset"]["local_dir"]:
-            raise SourceError(
-                "dataset.source is 'local' but dataset.local_dir is not set: add "
-                "'dataset: {local_dir: /path/to/volumes}' to your config file"
-            )
-        return config["dataset"]["local_dir"]
 
     def discovery_settings(self, config: dict) -> dict:
         dataset = config["dataset"]

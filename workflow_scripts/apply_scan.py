@@ -1,0 +1,25 @@
+"""Snakemake adapter for rule `apply_scan`: one preprocessed scan through the trained models -> codes, native-space
+reconstruction and anomaly map, per-scan record and report figure."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brainvq.apply import write_applied_scan
+from brainvq.inference import load_slice_model, prepared_scan
+from brainvq.io import load_volume
+from brainvq.workflow import logged
+
+with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
+    params, inputs, scan = snakemake.params, snakemake.input, snakemake.wildcards.scan
+    # The bundle folder is the one holding its bundle.json (the first bundle input).
+    model = load_slice_model(Path(inputs.bundle[0]).parent, params.device, batch_size=params.batch_size)
+    brain, mask = nib.load(inputs.brain), nib.load(inputs.mask)
+    native = load_volume(inputs.volume, params.orientation or None)
+    prepared = prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, brain.affine, native,
+                             model.settings)
+    outputs = {name: snakemake.output[name] for name in ("codes", "recon", "anomaly", "summary", "figure")}
+    summary = write_applied_scan(model, prepared, scan, params.subject, params.session, inputs.volume, outputs)
+    log.info("%s: %d slices, %s codes used%s", scan, summary["n_slices"], summary["codes_used"],
+             f" (excluded: {summary['excluded_reason']})" if summary["excluded_reason"] else "")
