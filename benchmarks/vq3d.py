@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +25,8 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.prior import provenance
+from brainvq.files import write_text_atomic
 from brainvq.reporting_volumes import STUDY_RESULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,11 +121,6 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,11 +139,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vq3d-") as tmp:
         rows = [train_and_evaluate(name, section, shards, split, Path(tmp), data) for name in args.models]
     result = {
-        "benchmark": "vq3d",
-        "command": "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
-        "commit": git_commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": args.threads, "device": "cpu"},
+        **provenance("vq3d"),
         "settings": {"config": str(args.config.relative_to(REPO) if args.config.is_absolute() else args.config),
                      "volume_shape": list(data[1].shape[1:]), "voxel_mm": config["preprocess"]["spacing_mm"],
                      "steps": section["steps"], "batch_size": section["batch_size"],
@@ -163,7 +152,7 @@ def main(argv=None) -> dict:
         "table_markdown": table_markdown(rows),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(result["table_markdown"])
     return result
 
