@@ -34,6 +34,21 @@ else:
     include: "rules/shards.smk"
     include: "rules/vqvae.smk"
     include: "rules/quantize.smk"
+
+
+# Whole volumes (preprocess.dims 3) end with their own evaluate and report rules: the prior, the sampler and the
+# model bundle are 2D.
+if not APPLY and VOLUMES:
+
+    include: "rules/volumes.smk"
+
+    rule all:
+        default_target: True
+        input:
+            out("report/index.html"),
+
+elif not APPLY:
+
     include: "rules/prior.smk"
     include: "rules/sample.smk"
     include: "rules/evaluate.smk"

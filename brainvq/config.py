@@ -70,12 +70,29 @@ def regex_problems(config: dict, prefix: str = "") -> list[str]:
     return problems
 
 
+def box_problems(preprocess: dict, downsample: int | None = None) -> list[str]:
+    """Return a problem line for a whole-volume box (``preprocess.dims: 3``) that is not a whole number of
+    ``spacing_mm`` voxels per axis or (with ``downsample``, the ``vqvae.downsample``) not a multiple of it."""
+    if preprocess["dims"] != 3:
+        return []
+    spacing, box = preprocess["spacing_mm"], [float(side) for side in preprocess["box_mm"]]
+    voxels = [round(side / spacing) for side in box]
+    if any(not math.isclose(n * spacing, side, abs_tol=1e-6) for n, side in zip(voxels, box)):
+        return [f"preprocess.box_mm: {preprocess['box_mm']} is not a whole number of {spacing:g} mm voxels per axis; "
+                "give each side as a multiple of preprocess.spacing_mm"]
+    if downsample and any(n % downsample for n in voxels):
+        return [f"preprocess.box_mm: {preprocess['box_mm']} at spacing_mm={spacing:g} gives {voxels} voxels, not all "
+                f"multiples of vqvae.downsample={downsample}; choose box_mm sides that are multiples of "
+                f"{downsample * spacing:g} mm"]
+    return []
+
+
 def model_problems(config: dict) -> list[str]:
     """Return a problem line for every model setting that cannot work with the image size or another setting."""
     vqvae, size = config["vqvae"], config["preprocess"]["size"]
     factor = vqvae["downsample"]
-    problems = []
-    if size % factor:
+    problems = box_problems(config["preprocess"], factor)
+    if config["preprocess"]["dims"] == 2 and size % factor:
         problems.append(f"preprocess.size: {size} px is not divisible by vqvae.downsample={factor}; choose a "
                         f"multiple of {factor} (e.g. {size + factor - size % factor}) or a smaller vqvae.downsample")
     levels = int(math.log2(vqvae["downsample"]))

@@ -262,6 +262,15 @@ def intensity_window(volume: np.ndarray, mask: np.ndarray, clip_percentiles) -> 
     return float(low), float(high)
 
 
+def scaled_intensities(volume: np.ndarray, mask: np.ndarray, clip_percentiles) -> np.ndarray:
+    """Return ``volume`` clipped at its foreground's ``clip_percentiles``, scaled to [0, 1] and 0 outside ``mask``
+    (float32; one intensity window per scan)."""
+    low, high = intensity_window(volume, mask, clip_percentiles)
+    # A flat foreground would divide by zero; it maps to 0 instead.
+    scaled = (np.clip(volume, low, high) - low) / max(high - low, np.finfo(np.float32).eps)
+    return np.where(mask, scaled, 0.0).astype(np.float32)
+
+
 def window_voxels(settings: dict) -> int:
     """Return the side, in voxels at ``spacing_mm``, of the square in-plane window every slice is cut to."""
     return max(1, round(settings["field_of_view_mm"] / settings["spacing_mm"]))
@@ -341,10 +350,7 @@ def normalised_slices(
     """
     mask = np.asarray(mask, bool)
     positions = slice_positions(mask, indices)
-    low, high = intensity_window(volume, mask, clip_percentiles)
-    # A flat foreground would divide by zero; it maps to 0 instead.
-    scaled = (np.clip(volume, low, high) - low) / max(high - low, np.finfo(np.float32).eps)
-    scaled = np.where(mask, scaled, 0.0).astype(np.float32)
+    scaled = scaled_intensities(volume, mask, clip_percentiles)
     top, left, side = in_plane_window(mask, window_vox)
     images = windowed(axial_stack(scaled, indices), top, left, side)
     masks = windowed(axial_stack(mask.astype(np.float32), indices), top, left, side)
@@ -404,6 +410,15 @@ def scan_slices(volume: np.ndarray, mask: np.ndarray, settings: dict, skull_stri
         "pixel_mm": pixel_mm(settings),
         "window": np.asarray(window, np.int64),
     }
+
+
+def shard_geometry(settings: dict) -> dict:
+    """Return the geometry attributes of a run's per-scan files and shards: ``size`` and ``pixel_mm`` for slices;
+    ``dims`` (3), ``box_mm`` and ``voxel_mm`` for whole volumes (``preprocess.dims: 3``)."""
+    if settings["dims"] == 3:
+        return {"dims": 3, "box_mm": [float(side) for side in settings["box_mm"]],
+                "voxel_mm": float(settings["spacing_mm"])}
+    return {"size": settings["size"], "pixel_mm": pixel_mm(settings)}
 
 
 # ---------------------------------------------------------------------------------------- back to native space

@@ -267,3 +267,22 @@ def check_volume(img, data: np.ndarray, affine: np.ndarray, path: str | Path, li
     head = check_head_size(data, affine, path, limits)
     return {"voxel_mm": [float(z) for z in voxel_sizes_mm(affine)], "head_cm3": round(head, 1),
             "field_of_view_mm": [float(z) for z in voxel_sizes_mm(affine) * np.asarray(data.shape[:3])]}
+
+
+def gated_brain(brain_path: str | Path, mask_path: str | Path, raw_path: str | Path, qc: dict,
+                preprocess: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """Return a skull-stripped scan's (brain volume float32, mask bool, reason) where ``reason`` is why the QC gate
+    after skull stripping leaves the scan out ('' when it passes): a mask far below an adult size stops the run
+    (``preprocess.on_error: fail``) or leaves the scan out (the rules slice_volume and cut_volume).
+
+    Raises:
+        ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size.
+    """
+    import nibabel as nib
+
+    volume = nib.load(brain_path).get_fdata(dtype=np.float32)
+    mask_img = nib.load(mask_path)
+    mask = np.asarray(mask_img.dataobj) > 0
+    reason = skull_strip_problem(mask, mask_img.affine, raw_path, Thresholds.from_config(qc),
+                                 preprocess["skull_strip"], preprocess["on_error"])
+    return volume, mask, reason

@@ -1,5 +1,6 @@
 """The trained autoencoder's codes of every scan (rule quantize): ``codes/{split}/{scan}.npy`` and
-``codes/index.csv``."""
+``codes/index.csv``: one code map per slice ``(n_slices, h, w)``, or with whole volumes (``preprocess.dims: 3``)
+one code volume per scan ``(d, h, w)``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from brainvq.training import load_vqvae
 
 log = logging.getLogger(__name__)
 
-# The codes/index.csv contract (docs/architecture.md): one row per slice, in slice order within each scan.
+# The codes/index.csv contract (docs/architecture.md): one row per slice, in slice order within each scan
+# (one row per scan for volumes, slice_index -1).
 INDEX_COLUMNS = ["subject", "scan", "split", "slice_index", "slice_position", "file", "row"]
 
 
@@ -31,7 +33,8 @@ class ShardMismatchError(RuntimeError):
 @torch.no_grad()
 def split_codes(model: VQVAE, dataset: ShardDataset, device: torch.device, batch_size: int,
                 workers: int = 0) -> np.ndarray:
-    """Return the codes ``(N, h, w)`` int16 of every slice of ``dataset``, in its order."""
+    """Return the codes ``(N, h, w)`` int16 of every slice of ``dataset`` (``(N, d, h, w)`` of every volume), in
+    its order."""
     batches = [range(start, min(start + batch_size, len(dataset))) for start in range(0, len(dataset), batch_size)]
     loader = batch_loader(dataset, batches, workers, pin_memory=device.type == "cuda")
     chunks = [model.encode_indices(batch["image"].to(device)).to(torch.int16).cpu().numpy() for batch in loader]
@@ -59,8 +62,8 @@ def _check_split_scans(split: str, dataset: ShardDataset, split_df: pd.DataFrame
 
 def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str | Path, codes_dir: str | Path,
                 batch_size: int, device: str = "auto", workers: int = 0) -> pd.DataFrame:
-    """Write ``codes/{split}/{scan}.npy`` (int16, ``(n_slices, h, w)`` in slice order) for every scan of
-    split.csv, and ``codes/index.csv``; return the index.
+    """Write ``codes/{split}/{scan}.npy`` (int16, ``(n_slices, h, w)`` in slice order; ``(d, h, w)`` for a
+    volume) for every scan of split.csv, and ``codes/index.csv``; return the index.
 
     The folder is written under a temporary name and renamed when complete.
 
@@ -98,7 +101,9 @@ def write_codes(model_path: str | Path, shards_dir: str | Path, split_csv: str |
             for scan in scans:
                 rows = by_scan.get_group(scan).sort_values("slice_index", kind="stable")
                 name = f"{split}/{scan}.npy"
-                np.save(tmp / name, codes[rows.index.to_numpy()])
+                scan_codes = codes[rows.index.to_numpy()]
+                # A volume's codes are one 3D array: the scan's single item.
+                np.save(tmp / name, scan_codes[0] if len(dataset.image_size) == 3 else scan_codes)
                 tables.append(pd.DataFrame({
                     "subject": rows["subject"].to_numpy(), "scan": scan, "split": split,
                     "slice_index": rows["slice_index"].to_numpy(), "slice_position": rows["slice_position"].to_numpy(),

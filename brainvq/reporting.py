@@ -339,11 +339,13 @@ def _no_data(ax, message: str) -> None:
 
 
 def training_curves_figure(histories: dict[str, pd.DataFrame]) -> Figure:
-    """Return the training curves of both models (``{"vqvae": history, "prior": history}``) against step."""
-    fig = _new_figure(11, 2.8)
+    """Return the training curves of both models (``{"vqvae": history, "prior": history}``) against step; only
+    the panels of the models given (a whole-volume run has no prior)."""
+    panels = [panel for panel in CURVE_PANELS if panel[0] in histories]
+    fig = _new_figure(11 * len(panels) / len(CURVE_PANELS), 2.8)
     with matplotlib.rc_context(STYLE):
-        axes = fig.subplots(1, len(CURVE_PANELS))
-        for ax, (model, columns, title, ylabel) in zip(axes, CURVE_PANELS):
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (model, columns, title, ylabel) in zip(axes, panels):
             history = histories.get(model, pd.DataFrame())
             present = [c for c in columns if c in history.columns and pd.to_numeric(history[c], "coerce").notna().any()]
             ax.set_title(title)
@@ -578,6 +580,22 @@ def render_report(context: dict) -> str:
     return TEMPLATES.get_template("report.html.j2").render(**context)
 
 
+def page_basics(settings: dict, attribution_html: str, summary: list) -> dict:
+    """Return the template entries every report page has: title, generation time, attribution, run summary."""
+    return {"title": settings["title"], "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "attribution_html": attribution_html, "summary": summary}
+
+
+def written_figures(figures: dict, figures_dir: str | Path, dpi: int) -> dict[str, str]:
+    """Write each figure as ``figures_dir/<name>.png``; return ``{name: data URI}`` for the HTML page."""
+    uris = {}
+    for name, fig in figures.items():
+        png = figure_png(fig, dpi)
+        write_bytes_atomic(Path(figures_dir) / f"{name}.png", png)
+        uris[name] = data_uri(png)
+    return uris
+
+
 def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figures_dir: str | Path,
                  repo_dir: str | Path | None = None, *, attribution_html: str) -> Path:
     """Write ``figures_dir/<name>.png`` for each of ``FIGURE_NAMES`` and the self-contained ``html_path``.
@@ -602,11 +620,8 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
                  "prior": read_table(inputs.prior_history, "prior/history.csv (train_pixelcnn)")}
     arrays = read_figure_arrays(inputs.figures_npz)
 
-    figures = {}
-    for name, fig in report_figures(metrics, arrays, per_scan, histories).items():
-        png = figure_png(fig, settings["figure_dpi"])
-        write_bytes_atomic(Path(figures_dir) / f"{name}.png", png)
-        figures[name] = data_uri(png)
+    figures = written_figures(report_figures(metrics, arrays, per_scan, histories), figures_dir,
+                              settings["figure_dpi"])
 
     excluded_html, excluded_left_out = html_table(excluded, settings["max_table_rows"])
     scan_columns = [c for c in ("scan", "subject", "n_slices", "ssim_brain", "psnr_brain_db", "ms_ssim_brain")
@@ -615,10 +630,7 @@ def build_report(inputs: ReportInputs, config: dict, html_path: str | Path, figu
         per_scan[scan_columns].sort_values("ssim_brain") if "ssim_brain" in scan_columns else per_scan,
         settings["max_table_rows"])
     context = {
-        "title": settings["title"],
-        "generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "attribution_html": attribution_html,
-        "summary": run_summary(config, split_df, excluded, metrics),
+        **page_basics(settings, attribution_html, run_summary(config, split_df, excluded, metrics)),
         "reconstruction_table": html_table(reconstruction_table(metrics))[0],
         "metrics_table": html_table(metrics_table(metrics))[0],
         "anomaly_table": html_table(anomaly_table(metrics))[0],

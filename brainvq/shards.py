@@ -112,15 +112,15 @@ def write_slices_h5(
 
     Args:
         path: the .h5 file to write.
-        images: (N, H, W) float16/float32 in [0, 1] (stored with this dtype).
-        masks: (N, H, W) bool.
+        images: (N, H, W) slices or (N, D, H, W) volumes, float16/float32 in [0, 1] (stored with this dtype).
+        masks: bool, the shape of ``images``.
         scans: N scan keys (dataset ``scan``); subjects: N subject IDs (dataset ``subject``).
         slice_index: N axial indices; slice_position: N positions in [0, 1].
         attrs: file attributes (spacing_mm, size, source, config_hash, split, excluded_reason...).
     """
-    n, h, w = images.shape
-    # maxshape lets an excluded scan (N = 0) keep the (1, H, W) chunking of the contract.
-    chunked = dict(chunks=(1, h, w), maxshape=(None, h, w), compression="gzip")
+    shape = tuple(images.shape[1:])
+    # maxshape lets an excluded scan (N = 0) keep the (1, H, W) (or (1, D, H, W)) chunking of the contract.
+    chunked = dict(chunks=(1, *shape), maxshape=(None, *shape), compression="gzip")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("images", data=images, **chunked)
         f.create_dataset("masks", data=np.asarray(masks, bool), **chunked)
@@ -169,16 +169,16 @@ def _ordered_scan_arrays(path: Path, metadata: dict) -> dict:
     return arrays
 
 
-def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, image_shape: tuple[int, int],
+def _write_shard(path: Path, pieces: list[tuple[str, int, int]], arrays_of, image_shape: tuple[int, ...],
                  dtype: str, attrs: dict, compression: str) -> dict:
-    """Write one shard from ``pieces`` and return its manifest entry."""
+    """Write one shard from ``pieces`` (items of ``image_shape``: slices or volumes); return its manifest entry."""
     n = sum(stop - start for _, start, stop in pieces)
-    h, w = image_shape
+    shape, chunks = (n, *image_shape), (1, *image_shape)
     # Uncompressed images are stored contiguous, so the reader can map them (brainvq.slice_reader).
-    layout = {"chunks": (1, h, w), "compression": "gzip"} if compression == "gzip" else {}
+    layout = {"chunks": chunks, "compression": "gzip"} if compression == "gzip" else {}
     with h5py.File(path, "w") as f:
-        images = f.create_dataset("images", (n, h, w), dtype=dtype, **layout)
-        masks = f.create_dataset("masks", (n, h, w), dtype=bool, chunks=(1, h, w), compression="gzip")
+        images = f.create_dataset("images", shape, dtype=dtype, **layout)
+        masks = f.create_dataset("masks", shape, dtype=bool, chunks=chunks, compression="gzip")
         meta = {name: [] for name in METADATA_DATASETS}
         row = 0
         for scan, start, stop in pieces:
@@ -272,7 +272,7 @@ def write_shards(split_df: pd.DataFrame, slice_files: Mapping[str, str | Path], 
 
 
 def shard_manifest(entries: list[dict], split_df: pd.DataFrame, metadata: Mapping[str, dict],
-                   image_shape: tuple[int, int], dtype: str, shard_size: int, attrs: Mapping) -> dict:
+                   image_shape: tuple[int, ...], dtype: str, shard_size: int, attrs: Mapping) -> dict:
     """Return the manifest: shards with counts, and per split its subjects, scans and slice count."""
     splits = {}
     for split in SPLITS:
@@ -315,8 +315,8 @@ def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
     return paths
 
 
-def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, int]:
-    """Return the one (H, W) shared by all files, or raise ShardSizeError naming them."""
+def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, ...]:
+    """Return the one item shape shared by all files ((H, W); (D, H, W) for volumes), or raise ShardSizeError."""
     distinct = {tuple(shape[1:]) for shape in shapes.values()}
     if len(distinct) != 1:
         by_size = {}
@@ -324,7 +324,7 @@ def _common_image_shape(shapes: Mapping[Path, tuple[int, ...]]) -> tuple[int, in
             by_size.setdefault(tuple(shape[1:]), []).append(str(path))
         raise ShardSizeError(
             "files disagree on image size: "
-            + "; ".join(f"{h}x{w}: {paths[:3]}" for (h, w), paths in sorted(by_size.items()))
+            + "; ".join(f"{'x'.join(map(str, size))}: {paths[:3]}" for size, paths in sorted(by_size.items()))
             + ". Re-run preprocessing with one preprocess.size so every file has the same size"
         )
     (size,) = distinct
@@ -344,8 +344,8 @@ def check_pixel_size(paths: Iterable[Path], pixel_mm: float) -> None:
                              "they were cut under other preprocess settings. Re-run slice_volume for them")
 
 
-def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, int]:
-    """Return the (H, W) image size shared by all shards.
+def shard_image_size(paths: Iterable[str | Path]) -> tuple[int, ...]:
+    """Return the (H, W) image size shared by all shards ((D, H, W) for shards of volumes).
 
     Raises:
         ShardSizeError: when the shards disagree.
@@ -410,7 +410,8 @@ class ShardDataset:
     Each item is ``{"image": (1, H, W) float32 tensor, "scan": str, "subject": str,
     "slice_index": int, "slice_position": float}`` plus ``"mask": (1, H, W) bool tensor`` with
     ``with_masks``. ``index`` (a DataFrame: file, row, scan, subject, slice_index,
-    slice_position) describes the items in order; ``image_size`` is (H, W).
+    slice_position) describes the items in order; ``image_size`` is (H, W). Shards of whole volumes
+    (``preprocess.dims: 3``) give one item per scan, ``image`` (1, D, H, W).
 
     Safe with DataLoader workers: the index comes from the small metadata datasets, read and closed
     in ``__init__``; image files are opened lazily, once per process, on first access.
@@ -575,4 +576,6 @@ def scan_montage(slices_file: str | Path, path: str | Path, title: str | None = 
     if reason:
         return excluded_montage(title, f"{stage}: {reason}", path)
     arrays = read_scan_slices(slices_file)
+    if arrays["images"].ndim == 4:  # a volumes/{scan}.h5 file: its axial slices, inferior to superior
+        return qc_montage(arrays["images"][0], arrays["masks"][0], title, path, max_tiles=36)
     return qc_montage(arrays["images"], arrays["masks"], title, path, labels=arrays["slice_index"])

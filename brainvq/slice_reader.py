@@ -66,7 +66,7 @@ class SliceReader:
         if self._map is not None:
             return self._map[row]
         if self.layout == "inflated":
-            mask, stored = self.dataset.id.read_direct_chunk((row, 0, 0))
+            mask, stored = self.dataset.id.read_direct_chunk((row,) + (0,) * len(self.shape))  # slices or volumes
             raw = stored if mask & _DEFLATE_SKIPPED else zlib.decompress(stored)
             return np.frombuffer(bytearray(raw), dtype=self.dtype).reshape(self.shape)
         buffer = np.empty(self.shape, self.dtype)

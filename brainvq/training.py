@@ -1,4 +1,5 @@
-"""The slice autoencoder's training task (rule train_vqvae): its data, loss terms, validation and model file.
+"""The autoencoder's training task (rule train_vqvae) on slices or, with preprocess.dims 3, whole volumes: its
+data, loss terms, validation and model file.
 
 :func:`train_vqvae` hands a :class:`VQVAETask` to the one training loop (:func:`brainvq.engine.train`), which
 checkpoints to ``vqvae/checkpoints/last.pt`` and resumes from it; :func:`load_vqvae` reads ``vqvae/model.pt``.
@@ -43,7 +44,7 @@ class TrainingData:
 
     train: ShardDataset
     validation: ShardDataset | None
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]
     fingerprint: dict
 
 
@@ -113,29 +114,31 @@ def evenly_spaced_batches(n: int, max_items: int | None, batch_size: int) -> lis
 
 
 def ssim_per_image(x: torch.Tensor, y: torch.Tensor, window: int = 7, data_range: float = 1.0) -> torch.Tensor:
-    """Return the SSIM of each image pair ``(B, C, H, W)`` -> ``(B,)``.
+    """Return the SSIM of each image pair ``(B, C, H, W)`` (or volume pair ``(B, C, D, H, W)``) -> ``(B,)``.
 
     Same definition as ``skimage.metrics.structural_similarity(x, y, data_range=1)``: a uniform
-    ``window`` x ``window`` filter, sample covariances, the mean over the fully covered region.
+    ``window`` x ``window`` (x ``window``) filter, sample covariances, the mean over the fully covered region.
     """
     x, y = x.float(), y.float()
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    cov_norm = window**2 / (window**2 - 1)
+    n = window ** (x.ndim - 2)
+    cov_norm = n / (n - 1)
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
 
     def mean(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(t, window, stride=1)
+        return pool(t, window, stride=1)
 
     mu_x, mu_y = mean(x), mean(y)
     var_x = cov_norm * (mean(x * x) - mu_x**2)
     var_y = cov_norm * (mean(y * y) - mu_y**2)
     cov = cov_norm * (mean(x * y) - mu_x * mu_y)
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.mean(dim=(1, 2, 3))
+    return ssim_map.flatten(1).mean(1)
 
 
 def psnr_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Return the PSNR (dB, peak 1) of each image pair ``(B, C, H, W)`` -> ``(B,)``."""
-    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    """Return the PSNR (dB, peak 1) of each image (or volume) pair ``(B, C, *size)`` -> ``(B,)``."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
@@ -186,7 +189,7 @@ def reconstruction_metrics(model: VQVAE, loader, device: torch.device, amp: bool
             with autocast_context(device, amp):
                 reconstruction, aux = model(x)
             reconstruction = reconstruction.float().clamp(0, 1)
-            l1.append((reconstruction - x).abs().mean(dim=(1, 2, 3)).cpu())
+            l1.append((reconstruction - x).abs().flatten(1).mean(1).cpu())
             ssim.append(ssim_per_image(reconstruction, x).cpu())
             psnr.append(psnr_per_image(reconstruction, x).cpu())
             if usage is not None:
@@ -224,12 +227,21 @@ class VQVAETask:
     def train_size(self) -> int:
         return len(self.data.train)
 
-    def _channels_last(self, device: torch.device) -> bool:
-        return self.settings["channels_last"] and device.type == "cuda"
+    @property
+    def _spatial_dims(self) -> int:
+        return len(self.data.image_size)  # the model follows the data: slices (H, W) or volumes (D, H, W)
+
+    def _memory_format(self, device: torch.device) -> torch.memory_format | None:
+        """Channels-last on CUDA, and for volumes on the CPU too (3D convolutions' backward runs about twice as
+        fast there); None keeps the default layout."""
+        if not self.settings["channels_last"] or (device.type != "cuda" and self._spatial_dims == 2):
+            return None
+        return torch.channels_last_3d if self._spatial_dims == 3 else torch.channels_last
 
     def build_model(self, device: torch.device) -> VQVAE:
-        model = build_vqvae(self.settings).to(device)
-        self.model = model.to(memory_format=torch.channels_last) if self._channels_last(device) else model
+        model = build_vqvae(self.settings, spatial_dims=self._spatial_dims).to(device)
+        memory_format = self._memory_format(device)
+        self.model = model.to(memory_format=memory_format) if memory_format else model
         return self.model
 
     def _loader(self, dataset: ShardDataset, batches, device: torch.device, persistent: bool = False):
@@ -239,7 +251,8 @@ class VQVAETask:
     def batches(self, sampler: StepBatchSampler, device: torch.device):
         for batch in self._loader(self.data.train, sampler, device):
             x = batch["image"].to(device, non_blocking=True)
-            yield x.contiguous(memory_format=torch.channels_last) if self._channels_last(device) else x
+            memory_format = self._memory_format(device)
+            yield x.contiguous(memory_format=memory_format) if memory_format else x
 
     def forward(self, module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         if getattr(self.model.bottleneck, "needs_initialization", False):  # a host-side flag, no device read
@@ -283,8 +296,9 @@ class VQVAETask:
 
     def memory_hint(self) -> str:
         s = self.settings
+        size = "preprocess.box_mm (or a coarser spacing_mm)" if self._spatial_dims == 3 else "preprocess.size"
         return (f"lower vqvae.batch_size (now {s['batch_size']}), vqvae.channels (now {s['channels']}) "
-                "or preprocess.size, or spread the batch with vqvae.gpus")
+                f"or {size}, or spread the batch with vqvae.gpus")
 
 
 def train_vqvae(section: dict, shards_dir: str | Path, split_csv: str | Path, out_dir: str | Path,
@@ -327,7 +341,7 @@ def load_vqvae(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
         brainvq.engine.CheckpointError: unreadable, or not a VQ-VAE model file of this version.
     """
     state = load_model_file(path, "vqvae", "train_vqvae")
-    model = build_vqvae(state["config"])
+    model = build_vqvae(state["config"], spatial_dims=len(state["image_size"]))
     model.load_state_dict(state["model"])
     model.image_size = tuple(state["image_size"])
     return model.to(device).eval()

@@ -62,6 +62,10 @@ wildcard_constraints:
 
 # The preprocess section as the rules use it: skull_strip 'auto' resolved to the source's default.
 PREPROCESS = SOURCE.resolved_preprocess(config["preprocess"])
+# preprocess.dims 3: whole volumes (volumes/{scan}.h5) instead of axial slices, and the 3D DAG
+# (no prior or sampling; see the Snakefile and rules/volumes.smk). check_startup has checked the box.
+VOLUMES = PREPROCESS["dims"] == 3
+SCAN_ITEMS = "volumes" if VOLUMES else "slices"
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,9 +85,14 @@ def discovered_scans(wildcards=None):
     return discovered_table()["scan"].tolist()
 
 
+def scan_items_file(wildcards):
+    """Input function: the scan's slices/{scan}.h5 (volumes/{scan}.h5 with preprocess.dims 3)."""
+    return out(f"{SCAN_ITEMS}/{wildcards.scan}.h5")
+
+
 def discovered_slice_files(wildcards=None):
-    """Input function: slices/{scan}.h5 of every discovered scan."""
-    return [out(f"slices/{scan}.h5") for scan in discovered_scans()]
+    """Input function: slices/{scan}.h5 (volumes/{scan}.h5 with preprocess.dims 3) of every discovered scan."""
+    return [out(f"{SCAN_ITEMS}/{scan}.h5") for scan in discovered_scans()]
 
 
 def scan_info(scan):

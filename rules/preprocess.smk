@@ -1,5 +1,6 @@
 # Stage 'preprocess' (see docs/architecture.md): discover the raw volumes, then per scan
-# reorient to RAS at spacing_mm, skull strip (+ optional N4), and cut normalised axial slices.
+# reorient to RAS at spacing_mm, skull strip (+ optional N4), and cut normalised axial slices
+# (or, with preprocess.dims 3, the whole normalised volume in a fixed box).
 checkpoint discover_subjects:
     input:
         raw=raw_root(),
@@ -90,3 +91,26 @@ rule slice_volume:
         preprocess=PREPROCESS,
     script:
         "../workflow_scripts/slice_volume.py"
+
+
+rule cut_volume:
+    input:
+        unpack(brain_files),
+    output:
+        out("volumes/{scan}.h5"),
+    log:
+        out("logs/cut_volume/{scan}.log"),
+    benchmark:
+        out("benchmarks/cut_volume/{scan}.tsv")
+    conda:
+        "../envs/preprocess.yaml"
+    threads: 1
+    params:
+        subject=lambda wildcards: scan_info(wildcards.scan)["subject"],
+        raw=lambda wildcards: scan_info(wildcards.scan)["path"],
+        qc=config["qc"],
+        source=SOURCE.name,
+        # The whole section: its hash is stored in the file (config_hash), so any change reruns.
+        preprocess=PREPROCESS,
+    script:
+        "../workflow_scripts/cut_volume.py"

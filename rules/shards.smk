@@ -24,7 +24,7 @@ rule write_shards:
 
 rule qc_montage:
     input:
-        out("slices/{scan}.h5"),
+        scan_items_file,
     output:
         out("qc/montage/{scan}.png"),
     log:

@@ -160,9 +160,10 @@ def repo_workflow() -> dict:
     return load_workflow()
 
 
-# Rules can depend on the data source (download/extract exist only for public datasets): the demo
-# config and a download config together define every rule.
-SOURCE_CONFIGS = (("config.yaml",), ("config.yaml", "ixi.yaml"))
+# Rules can depend on the data source (download/extract exist only for public datasets) and on
+# preprocess.dims (cut_volume and the 3D evaluate/report): the demo config, a download config and the
+# 3D demo config together define every rule.
+SOURCE_CONFIGS = (("config.yaml",), ("config.yaml", "ixi.yaml"), ("config.yaml", "demo3d.yaml"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from snakemake_helpers import copy_workflow, run_snakemake, tiny_config
 
@@ -26,6 +28,23 @@ def test_an_image_size_not_divisible_by_the_downsampling_names_both_keys_and_a_s
     message = problems_of(preprocess={"size": 24}, vqvae={"downsample": 16, "channels": [8, 8, 8, 8]})
     assert "preprocess.size: 24 px is not divisible by vqvae.downsample=16" in message
     assert "e.g. 32" in message
+
+
+def test_a_whole_volume_box_the_model_cannot_downsample_names_the_keys_and_the_image_size_is_not_checked():
+    volumes = {"dims": 3, "spacing_mm": 2.0, "size": 40}  # size (not a multiple of 16) applies to slices only
+    model = {"downsample": 16, "channels": [8, 8, 8, 8]}
+    assert problems_of(preprocess={**volumes, "box_mm": [160, 192, 160]}, vqvae=model) == ""  # 80 x 96 x 80
+    message = problems_of(preprocess={**volumes, "box_mm": [162, 192, 160]}, vqvae=model)  # 81 voxels
+    assert "preprocess.box_mm: [162, 192, 160] at spacing_mm=2 gives [81, 96, 80] voxels" in message
+    assert "vqvae.downsample=16" in message and "multiples of 32 mm" in message
+    message = problems_of(preprocess={**volumes, "box_mm": [161, 192, 160]}, vqvae=model)
+    assert "whole number of 2 mm voxels" in message
+
+
+def test_the_shipped_3d_configs_pass():
+    for name in ("demo3d.yaml", "oasis1-3d.yaml"):
+        config = load_config(Path(__file__).resolve().parents[1] / "config" / name)
+        assert config["preprocess"]["dims"] == 3
 
 
 def test_a_channels_list_that_does_not_fit_the_downsampling_names_the_key():

@@ -1,23 +1,15 @@
 """Snakemake adapter for rule `slice_volume`: brain volume + mask -> normalised axial slices (slices/{scan}.h5)."""
 
-import nibabel as nib
-import numpy as np
-
 from brainvq.config import config_hash
 from brainvq.preprocessing import scan_slices
-from brainvq.qc import Thresholds, skull_strip_problem
+from brainvq.qc import gated_brain
 from brainvq.shards import write_slices_h5
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     scan, settings = snakemake.wildcards.scan, snakemake.params.preprocess
-    volume = nib.load(snakemake.input.brain).get_fdata(dtype=np.float32)
-    mask_img = nib.load(snakemake.input.mask)
-    mask = np.asarray(mask_img.dataobj) > 0
-    # The QC gate after skull stripping: a mask far below an adult size stops the run or leaves the scan out.
-    limits = Thresholds.from_config(snakemake.params.qc)
-    reason = skull_strip_problem(mask, mask_img.affine, snakemake.params.raw, limits, settings["skull_strip"],
-                                 settings["on_error"])
+    volume, mask, reason = gated_brain(snakemake.input.brain, snakemake.input.mask, snakemake.params.raw,
+                                       snakemake.params.qc, settings)
     result = scan_slices(volume, mask, settings, reason)
     n = len(result["slice_index"])
     write_slices_h5(

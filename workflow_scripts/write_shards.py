@@ -4,7 +4,7 @@ from pathlib import Path
 
 from brainvq.config import config_hash
 from brainvq.data import read_split
-from brainvq.preprocessing import mask_kind, pixel_mm
+from brainvq.preprocessing import mask_kind, shard_geometry
 from brainvq.shards import write_shards
 from brainvq.workflow import logged
 
@@ -19,8 +19,7 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
         compression=preprocess["shard_compression"],
         attrs={
             "spacing_mm": preprocess["spacing_mm"],
-            "size": preprocess["size"],
-            "pixel_mm": pixel_mm(preprocess),
+            **shard_geometry(preprocess),
             "mask_kind": mask_kind(preprocess),
             "skull_strip": preprocess["skull_strip"],
             "source": snakemake.params.source,

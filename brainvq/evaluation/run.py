@@ -78,9 +78,11 @@ def json_ready(value):
 
 
 def write_evaluation(result: EvaluationResult, metrics_json: str | Path, per_scan_csv: str | Path,
-                     per_slice_csv: str | Path, figures_npz: str | Path) -> None:
-    """Write the four evaluation outputs atomically (brainvq/files.py), ``metrics.json`` last."""
-    write_table_atomic(result.per_slice, per_slice_csv)
+                     per_slice_csv: str | Path | None, figures_npz: str | Path) -> None:
+    """Write the four evaluation outputs atomically (brainvq/files.py), ``metrics.json`` last; a run of whole
+    volumes has no ``per_slice_csv`` (None)."""
+    if per_slice_csv is not None:
+        write_table_atomic(result.per_slice, per_slice_csv)
     write_table_atomic(result.per_scan, per_scan_csv)
     with atomic_path(figures_npz, ".npz") as tmp:
         np.savez_compressed(tmp, **result.figures)
