@@ -2,8 +2,8 @@
 score badly, on a finished run (by default the demo: ``snakemake --cores 2`` first).
 
 Usage:
-    python benchmarks/generation.py --results results/demo --out results/bench/generation.json
-    python benchmarks/generation.py --results results/demo --ablations undilated,no_dropout --steps 300
+    python -m benchmarks.generation --results results/demo --out results/bench/generation.json
+    python -m benchmarks.generation --results results/demo --ablations undilated,no_dropout --steps 300
 
 Each ablation retrains the prior on the run's code maps with the run's ``pixelcnn`` settings changed as named in
 ``ABLATIONS`` (``--steps`` overrides the step count of every retrained prior, for a quicker look), draws samples

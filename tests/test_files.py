@@ -82,7 +82,8 @@ EXEMPT = {
     ("engine.py", "HistoryWriter.write"): "appends one row to a history the constructor wrote atomically",
     ("engine.py", "resumable_checkpoint"): "moves a stale checkpoint folder aside (a rename, never a half write)",
     ("engine.py", "_local_process"): "the rule's log file, which Snakemake owns (rank 0 of a multi-process run)",
-    ("data.py", "_write_shard"): "writes one shard inside write_shards' atomic shards folder",
+    ("shards.py", "_write_shard"): "writes one shard inside write_shards' atomic shards folder",
+    ("bundle.py", "untrained_bundle"): "model files in a TemporaryDirectory, copied by write_bundle's atomic folder",
     ("acquire.py", "_link_or_copy_to"): "fills the temporary its callers' atomic_path gives it",
     ("reporting.py", "figure_png"): "saves a figure into an in-memory buffer",
 }
