@@ -229,7 +229,9 @@ class VQVAETask:
 
     @property
     def _spatial_dims(self) -> int:
-        return len(self.data.image_size)  # the model follows the data: slices (H, W) or volumes (D, H, W)
+        # The model follows the data: slices (H, W) or volumes (D, H, W); without data (a task built only to
+        # time steps, as benchmarks/device_check.py does) it is the slice model.
+        return 2 if self.data is None else len(self.data.image_size)
 
     def _memory_format(self, device: torch.device) -> torch.memory_format | None:
         """Channels-last on CUDA, and for volumes on the CPU too (3D convolutions' backward runs about twice as

@@ -15,8 +15,10 @@ from volume_trees import asymmetric_head, nifti, oblique_affine, write_dicom_ser
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """Untrained models with 64 px slices (a 240 mm window of 60 voxels at 4 mm: slices lose no detail)."""
-    return load_model(write_untrained_bundle(tmp_path_factory.mktemp("run") / "run", preprocess={"size": 64}))
+    """Untrained models with 64 px slices (a 240 mm window of 60 voxels at 4 mm: slices lose no detail), on the
+    whole head (skull_strip none): these tests follow the geometry, not a brain mask."""
+    return load_model(write_untrained_bundle(tmp_path_factory.mktemp("run") / "run",
+                                             preprocess={"size": 64, "skull_strip": "none"}))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ Used by tests/test_dicom.py, test_sources.py, test_inference.py and test_apply.p
 
 from __future__ import annotations
 
+import contextlib
 import json
+import locale
 from pathlib import Path
 
 import nibabel as nib
@@ -84,9 +86,21 @@ def write_dicom_series(img, folder: Path, series_uid: str = "1.2.826.0.1.3680043
             piece.SetMetaData(tag, value)
         path = folder / name.format(number=k + 1)
         writer.SetFileName(str(path))
-        writer.Execute(piece)
+        with locale_kept():
+            writer.Execute(piece)
         written.append(path)
     return written
+
+
+@contextlib.contextmanager
+def locale_kept():
+    """Restore the process locale after the block: ITK's GDCM writer sets it to "C", which would turn Python's
+    default text encoding to ASCII for every later test in the session (open(), read_text(), subprocess)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def write_bids_tree(root: Path, volume: nib.Nifti1Image, description: bool = True) -> Path:

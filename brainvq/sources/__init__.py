@@ -53,7 +53,8 @@ class Source:
     def resolved_preprocess(self, preprocess: dict) -> dict:
         """Return the ``preprocess`` config section with ``skull_strip: auto`` replaced by this source's default."""
         method = preprocess["skull_strip"]
-        return {**preprocess, "skull_strip": self.defaults["skull_strip"] if method == "auto" else method}
+        # A source that names no default (a new module may not) leaves the head unstripped.
+        return {**preprocess, "skull_strip": self.defaults.get("skull_strip", "none") if method == "auto" else method}
 
     def discovery_settings(self, config: dict) -> dict:
         """Return the config values discovery reads; they are the discovery rule's params, so it reruns
