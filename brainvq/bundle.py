@@ -85,10 +85,10 @@ def run_description(vqvae_path: str | Path, metrics_json: str | Path, split_csv:
     """
     from brainvq.data import read_split
     from brainvq.preprocessing import pixel_mm
-    from brainvq.sources import get_source
 
-    # A bundle records the method used, never 'auto' (which depends on the source the models were trained on).
-    preprocess = get_source(source).resolved_preprocess(preprocess)
+    if preprocess["skull_strip"] == "auto":
+        raise ValueError("preprocess.skull_strip 'auto' must be resolved by the run's source before bundling "
+                         "(brainvq.sources.Source.resolved_preprocess): a bundle records the method used")
     metrics = json.loads(Path(metrics_json).read_text())
     split = read_split(split_csv)
     return {

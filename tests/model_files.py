@@ -14,6 +14,7 @@ import pandas as pd
 
 from brainvq.bundle import run_description, untrained_bundle, write_bundle
 from brainvq.config import validated_config
+from brainvq.sources import get_source
 
 TINY_MODELS = {
     "vqvae": {"channels": [8, 16], "codebook_size": 16, "latent_dim": 8, "downsample": 4},
@@ -45,8 +46,9 @@ def write_untrained_run(run_dir: Path, preprocess: dict | None = None, seed: int
 def write_untrained_bundle(run_dir: Path, run: str = "untrained", preprocess: dict | None = None) -> Path:
     """Write an untrained run (see :func:`write_untrained_run`) and its bundle ``run_dir/model``; return that folder."""
     config = write_untrained_run(run_dir, preprocess)
+    preprocess = get_source("demo").resolved_preprocess(config["preprocess"])  # as the workflow's rule passes it
     description = run_description(run_dir / "vqvae" / "model.pt", run_dir / "eval" / "metrics.json",
                                   run_dir / "split.csv", run, "demo", "<p>untrained test models</p>",
-                                  config["preprocess"], config["evaluate"]["anomaly_smoothing_fraction"])
+                                  preprocess, config["evaluate"]["anomaly_smoothing_fraction"])
     write_bundle(run_dir / "model", run_dir / "vqvae" / "model.pt", run_dir / "prior" / "model.pt", description)
     return run_dir / "model"
