@@ -2,29 +2,22 @@
 
 from pathlib import Path
 
-import torch
-
 from brainvq.data import read_split
 from brainvq.evaluation import (
     EvaluationInputs,
     evaluate_run,
+    evaluation_model,
     prior_scorer,
     software_versions,
-    vqvae_codebook_size,
     write_evaluation,
 )
 from brainvq.prior import load_prior
-from brainvq.runtime import seed_everything, select_device
-from brainvq.training import load_vqvae
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     settings = snakemake.params.evaluate
-    torch.set_num_threads(snakemake.threads)
-    seed_everything(settings["seed"])
-    device = select_device(settings["device"])
-    model = load_vqvae(snakemake.input.vqvae, device)
-    codebook_size = vqvae_codebook_size(model, snakemake.input.vqvae, snakemake.params.bottleneck)
+    model, device, codebook_size = evaluation_model(snakemake.input.vqvae, snakemake.params.bottleneck, settings,
+                                                    snakemake.threads)
     inputs = EvaluationInputs(
         split_csv=Path(snakemake.input.split),
         shards_dir=Path(snakemake.input.shards),

@@ -38,6 +38,7 @@ from brainvq.evaluation.inputs import (
     PriorScorer,
     prior_scorer,
     read_samples,
+    evaluation_model,
     vqvae_codebook_size,
 )
 from brainvq.evaluation.probe import probe_target_spec
@@ -58,6 +59,7 @@ __all__ = [
     "read_samples",
     "reconstruction_summary",
     "software_versions",
+    "evaluation_model",
     "vqvae_codebook_size",
     "write_evaluation",
 ]

@@ -166,6 +166,23 @@ def vqvae_codebook_size(model, vqvae_path: str | Path, bottleneck: str) -> int:
     return int(size)
 
 
+def evaluation_model(vqvae_path: str | Path, bottleneck: str, settings: dict, threads: int):
+    """Return ``(model, device, codebook_size)``: the run's VQ-VAE loaded on the ``evaluate`` section's device, after
+    setting ``threads`` torch threads and seeding everything with its ``seed`` (the start of both evaluate rules).
+
+    Raises:
+        EvaluationInputError: when the model has no codebook (:func:`vqvae_codebook_size`).
+    """
+    from brainvq.runtime import seed_everything, select_device
+    from brainvq.training import load_vqvae
+
+    torch.set_num_threads(threads)
+    seed_everything(settings["seed"])
+    device = select_device(settings["device"])
+    model = load_vqvae(vqvae_path, device)
+    return model, device, vqvae_codebook_size(model, vqvae_path, bottleneck)
+
+
 def read_samples(path: str | Path) -> dict:
     """Return samples.h5 as arrays: ``codes, images, slice_position, label``.
 
