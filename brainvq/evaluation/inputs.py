@@ -21,7 +21,9 @@ from brainvq.prior import (
     uniform_bits,
     unigram_bits,
 )
+from brainvq.runtime import seed_everything, select_device
 from brainvq.shards import load_shard_rows, shard_index, shard_paths
+from brainvq.training import load_vqvae
 
 
 class EvaluationInputError(ValueError):
@@ -173,9 +175,6 @@ def evaluation_model(vqvae_path: str | Path, bottleneck: str, settings: dict, th
     Raises:
         EvaluationInputError: when the model has no codebook (:func:`vqvae_codebook_size`).
     """
-    from brainvq.runtime import seed_everything, select_device
-    from brainvq.training import load_vqvae
-
     torch.set_num_threads(threads)
     seed_everything(settings["seed"])
     device = select_device(settings["device"])
