@@ -3,7 +3,7 @@ score badly, on a finished run (by default the demo: ``snakemake --cores 2`` fir
 
 Usage:
     python -m benchmarks.generation --results results/demo --out results/bench/generation.json
-    python -m benchmarks.generation --results results/demo --ablations undilated,no_dropout --steps 300
+    python -m benchmarks.generation --results results/demo --ablations undilated,dropout --steps 300
 
 Each ablation retrains the prior on the run's code maps with the run's ``pixelcnn`` settings changed as named in
 ``ABLATIONS`` (``--steps`` overrides the step count of every retrained prior, for a quicker look), draws samples
@@ -41,10 +41,13 @@ from brainvq.training import load_vqvae
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (pixelcnn overrides, sample overrides, what it tests)
+# Each must change something the default config sets otherwise (ablation_config refuses one that does not).
 ABLATIONS = {
     "undilated": ({"dilations": [1]}, {}, "the old receptive field: each layer reaches kernel_size // 2"),
-    "no_dropout": ({"dropout": 0.0}, {}, "no dropout on the gated activations"),
-    "temperature_1": ({}, {"temperature": 1.0}, "sampling at temperature 1 (the model's own distribution)"),
+    "one_anchor": ({"position_anchors": 1}, {}, "one location-bias map for every axial level"),
+    "dropout": ({"dropout": 0.1}, {}, "dropout 0.1 on the gated activations"),
+    "top_p": ({}, {"top_p": 0.9}, "nucleus sampling, top_p 0.9"),
+    "temperature": ({}, {"temperature": 0.8}, "sampling at temperature 0.8"),
     "half_steps": ({"steps": "half"}, {}, "half the training steps"),
 }
 
@@ -66,6 +69,15 @@ def judged(judge, images, codes, positions) -> dict:
     return metrics
 
 
+class AblationError(ValueError):
+    """An ablation changes nothing in the run's config: it would be the run's own prior under another name."""
+
+
+def unchanged_settings(base: dict, overrides: dict) -> list[str]:
+    """Return the keys of ``overrides`` whose value ``base`` already has ("half" steps always change)."""
+    return [key for key, value in overrides.items() if base.get(key) == value]
+
+
 def ablation_config(base: dict, overrides: dict, steps: int | None) -> dict:
     config = {**base, **overrides, "device": "cpu"}
     if steps is not None:
@@ -79,6 +91,10 @@ def ablation_config(base: dict, overrides: dict, steps: int | None) -> dict:
 def ablation(run, judge, inputs: EvaluationInputs, config: dict, prior_overrides: dict, sample_overrides: dict,
              steps: int | None) -> dict:
     """Retrain the prior with ``prior_overrides``, sample with ``sample_overrides``; return its measures."""
+    unchanged = (unchanged_settings(config["pixelcnn"], prior_overrides)
+                 + unchanged_settings(config["sample"], sample_overrides))
+    if unchanged:
+        raise AblationError(f"the run's config already sets {unchanged} as this ablation does; pick another ablation")
     pixelcnn = ablation_config(config["pixelcnn"], prior_overrides, steps)
     sample = {**config["sample"], **sample_overrides}
     train, val, classes = training_maps(inputs.codes_dir, inputs.split_csv, pixelcnn["condition_label"])
