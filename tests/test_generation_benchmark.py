@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.generation import ABLATIONS, AblationError, ablation, unchanged_settings
+from benchmarks.generation import ABLATIONS, AblationError, ablation, ablation_config, unchanged_settings
 from brainvq.config import load_config
 
 
@@ -21,3 +21,11 @@ def test_an_ablation_that_changes_nothing_is_refused_before_training():
     same = {"dropout": config["pixelcnn"]["dropout"]}
     with pytest.raises(AblationError, match="dropout"):
         ablation(None, None, None, config, same, {}, steps=1)
+
+
+@pytest.mark.parametrize(("name", "steps", "expected"), [("half_steps", None, 250), ("half_steps", 150, 75),
+                                                          ("triple_steps", 100, 300), ("undilated", 150, 150),
+                                                          ("undilated", None, 500)])
+def test_step_ablations_scale_the_step_count_they_would_otherwise_train(name, steps, expected):
+    base = {**load_config(None)["pixelcnn"], "steps": 500}
+    assert ablation_config(base, ABLATIONS[name][0], steps)["steps"] == expected
