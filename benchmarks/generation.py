@@ -91,20 +91,23 @@ def ablation_config(base: dict, overrides: dict, steps: int | None) -> dict:
 
 
 def ablation(run, judge, inputs: EvaluationInputs, config: dict, prior_overrides: dict, sample_overrides: dict,
-             steps: int | None) -> dict:
-    """Retrain the prior with ``prior_overrides``, sample with ``sample_overrides``; return its measures."""
+             steps: int | None, run_prior=None) -> dict:
+    """Retrain the prior with ``prior_overrides``, sample with ``sample_overrides``; return its measures.
+
+    An ablation of sampling alone, at the run's own step count, samples ``run_prior`` (the run's prior) when given:
+    retraining would only reproduce it.
+    """
     unchanged = (unchanged_settings(config["pixelcnn"], prior_overrides)
                  + unchanged_settings(config["sample"], sample_overrides))
     if unchanged:
         raise AblationError(f"the run's config already sets {unchanged} as this ablation does; pick another ablation")
     pixelcnn = ablation_config(config["pixelcnn"], prior_overrides, steps)
     sample = {**config["sample"], **sample_overrides}
-    train, val, classes = training_maps(inputs.codes_dir, inputs.split_csv, pixelcnn["condition_label"])
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        summary = train_prior(train, val, pixelcnn, run.codebook_size, classes, tmp, progress=False)
-        train_seconds = time.perf_counter() - start
-        prior = load_prior(Path(tmp) / "model.pt")
+    if run_prior is not None and not prior_overrides and pixelcnn["steps"] == config["pixelcnn"]["steps"]:
+        prior, classes = run_prior, list(getattr(run_prior, "label_classes", []))
+        summary, train_seconds = {"reused": "the run's own prior (this ablation changes sampling only)"}, None
+    else:
+        prior, classes, summary, train_seconds = retrained_prior(run, inputs, pixelcnn)
     positions = run.samples["slice_position"]
     labels = [str(label) for label in run.samples["label"]] if classes else None
     start = time.perf_counter()
@@ -115,6 +118,16 @@ def ablation(run, judge, inputs: EvaluationInputs, config: dict, prior_overrides
     return {"pixelcnn_overrides": prior_overrides, "sample_overrides": sample_overrides, "steps": pixelcnn["steps"],
             "train_seconds": train_seconds, "sample_seconds": sample_seconds, "training": summary,
             "prior": prior_section(retrained)[0], **judged(judge, judge.decode(codes.numpy()), codes.numpy(), positions)}
+
+
+def retrained_prior(run, inputs: EvaluationInputs, pixelcnn: dict):
+    """Return (prior, label classes, training summary, training seconds) of a prior trained with ``pixelcnn``."""
+    train, val, classes = training_maps(inputs.codes_dir, inputs.split_csv, pixelcnn["condition_label"])
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        summary = train_prior(train, val, pixelcnn, run.codebook_size, classes, tmp, progress=False)
+        train_seconds = time.perf_counter() - start
+        return load_prior(Path(tmp) / "model.pt"), classes, summary, train_seconds
 
 
 def table_row(name: str, entry: dict) -> dict:
@@ -142,7 +155,8 @@ def main(argv=None) -> dict:
     vqvae = load_vqvae(results / "vqvae" / "model.pt", "cpu")
     inputs = EvaluationInputs(results / "split.csv", results / "shards", results / "codes",
                               results / "samples" / "samples.h5")
-    scorer = prior_scorer(load_prior(results / "prior" / "model.pt"), read_split(inputs.split_csv))
+    run_prior = load_prior(results / "prior" / "model.pt")
+    scorer = prior_scorer(run_prior, read_split(inputs.split_csv))
     run = evaluation_run(inputs, vqvae, scorer, vqvae_codebook_size(vqvae, results, config["vqvae"]["bottleneck"]),
                          settings, get_source(config["dataset"]["source"]).defaults, torch.device("cpu"))
     start = time.perf_counter()
@@ -160,7 +174,8 @@ def main(argv=None) -> dict:
     for name in [a for a in args.ablations.split(",") if a]:
         prior_overrides, sample_overrides, meaning = ABLATIONS[name]
         ablations[name] = {"meaning": meaning,
-                           **ablation(run, judge, inputs, config, prior_overrides, sample_overrides, args.steps)}
+                           **ablation(run, judge, inputs, config, prior_overrides, sample_overrides, args.steps,
+                                     run_prior)}
     report = {
         **provenance("generation"),
         "run": str(results), "n_samples": int(len(positions)),
