@@ -125,10 +125,10 @@ def test_copy_detector_flags_exact_and_five_percent_copies_and_no_real_test_map(
     train_positions, test_positions = np.linspace(0, 1, 120), np.linspace(0, 1, 30)
     train_maps, test_maps = code_maps_of(distinct_slices(120, seed=0)), code_maps_of(distinct_slices(30, seed=1))
     picks = np.arange(0, 120, 4)
-    # Calibration as in evaluate: Hamming on copies with 10 % of codes changed, SSIM on copies with 2 % changed.
+    # Calibration as in evaluate: Hamming on copies with 10 % of codes changed, SSIM on copies with 0.5 % changed.
     calibration_hamming, _ = copy_scores(copies.perturbed_copies(train_maps[picks], 0.1, 16, 5),
                                          train_positions[picks], train_maps, train_positions)
-    _, calibration_ssim = copy_scores(copies.perturbed_copies(train_maps[picks], 0.02, 16, 6),
+    _, calibration_ssim = copy_scores(copies.perturbed_copies(train_maps[picks], 0.005, 16, 6),
                                       train_positions[picks], train_maps, train_positions)
     thresholds = copies.calibrated_thresholds(calibration_hamming, calibration_ssim)
 
