@@ -22,8 +22,16 @@ import nibabel as nib
 import numpy as np
 
 from brainvq.inference import PreparedScan, ScanOutputs, SliceModel, load_slice_model, prepared_scan
-from brainvq.io import checked_voxels, load_volume, read_voxels
-from brainvq.preprocessing import float32_image, n4_bias_correct, reorient_to_ras, resample_isotropic, skull_strip
+from brainvq.io import brain_mask_path, checked_voxels, load_volume, read_voxels
+from brainvq.preprocessing import (
+    float32_image,
+    mask_on_grid,
+    n4_bias_correct,
+    reorient_to_ras,
+    resample_isotropic,
+    skull_strip,
+)
+from brainvq.qc import MASK_KIND, Thresholds, check_brain_mask
 
 
 def as_image(volume, orientation: str | None = None) -> nib.Nifti1Image:
@@ -34,16 +42,32 @@ def as_image(volume, orientation: str | None = None) -> nib.Nifti1Image:
     return float32_image(checked_voxels(read_voxels(volume, name), name), volume.affine)
 
 
+def precomputed_mask(volume, ras: nib.Nifti1Image, orientation: str | None) -> np.ndarray | None:
+    """Return the brain mask file found beside a volume given as a file path (``<stem>_brainmask<extension>``,
+    as discovery finds it) on the RAS grid of ``ras``, or None (an image, a DICOM folder, or no such file)."""
+    if not isinstance(volume, (str, Path)) or Path(volume).is_dir():
+        return None
+    path = brain_mask_path(volume)
+    return mask_on_grid(load_volume(path, orientation), ras) if path.exists() else None
+
+
 def prepare_volume(volume, settings: dict, orientation: str | None = None) -> PreparedScan:
-    """Return ``volume`` through the whole preprocessing of ``settings`` (a ``preprocess`` section).
+    """Return ``volume`` through the whole preprocessing of ``settings`` (a ``preprocess`` section), through the
+    QC gate after skull stripping (with skull_strip 'precomputed', the mask file beside a path is used).
 
     Raises:
-        brainvq.io.VolumeError: an unreadable or invalid volume; brainvq.preprocessing.EmptyMaskError: no brain.
+        brainvq.io.VolumeError: an unreadable or invalid volume, or a brain mask far from an adult size (such as a
+            head given to a model trained on skull-stripped brains); brainvq.preprocessing.EmptyMaskError: no brain.
     """
     native = as_image(volume, orientation)
     ras = resample_isotropic(reorient_to_ras(native), settings["spacing_mm"])
-    brain, mask = skull_strip(ras, settings["skull_strip"], bet_fractional_threshold=settings["bet_fractional_threshold"],
-                              bet_iterations=settings["bet_iterations"])
+    method = settings["skull_strip"]
+    brain, mask = skull_strip(ras, method, bet_fractional_threshold=settings["bet_fractional_threshold"],
+                              bet_iterations=settings["bet_iterations"],
+                              precomputed_mask=precomputed_mask(volume, ras, orientation) if method == "precomputed"
+                              else None)
+    name = Path(volume) if isinstance(volume, (str, Path)) else Path(volume.get_filename() or "<nibabel image>")
+    check_brain_mask(np.asarray(mask.dataobj) > 0, mask.affine, name, Thresholds(), MASK_KIND[method])
     if settings["n4"]:
         brain = n4_bias_correct(brain, mask)
     return prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, ras.affine, native, settings)

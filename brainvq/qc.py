@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from brainvq.io import VolumeError
+from brainvq.io import VolumeError, brain_mask_path
 
 MM3_PER_CM3 = 1000.0
 # Distributions (distinct values, percentiles, Otsu's threshold) are measured on at most this many evenly
@@ -50,7 +50,8 @@ class SaturationError(VolumeError):
 
 
 class ForegroundVolumeError(VolumeError):
-    """The head (or, after skull stripping, brain) foreground is far below an adult size."""
+    """The head (or, after skull stripping, brain) foreground is far below an adult size, or a brain mask far
+    above it (a head taken for a brain)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Thresholds:
     max_saturated_fraction: float = 0.01
     min_head_cm3: float = 500.0
     min_brain_cm3: float = 400.0
+    max_brain_cm3: float = 3000.0
 
     @classmethod
     def from_config(cls, section: dict) -> Thresholds:
@@ -179,11 +181,12 @@ def check_head_size(data: np.ndarray, affine: np.ndarray, path: Path, limits: Th
 
 
 def check_brain_mask(mask: np.ndarray, affine: np.ndarray, path: Path, limits: Thresholds, what: str) -> float:
-    """Raise ForegroundVolumeError when a skull-stripping mask is below its adult size; return its cm³.
+    """Raise ForegroundVolumeError when a skull-stripping mask is below its adult size, or a brain mask far above
+    an adult brain (a head: a volume taken as skull-stripped that is not); return its cm³.
 
     Args:
-        what: ``"brain"`` (bet, precomputed masks: limit ``min_brain_cm3``) or ``"head"`` (skull_strip none:
-            limit ``min_head_cm3``).
+        what: ``"brain"`` (bet, precomputed masks: limits ``min_brain_cm3`` and ``max_brain_cm3``) or ``"head"``
+            (skull_strip none: limit ``min_head_cm3``).
     """
     size = mask_cm3(mask, affine)
     limit, key = (limits.min_brain_cm3, "min_brain_cm3") if what == "brain" else (limits.min_head_cm3, "min_head_cm3")
@@ -192,6 +195,15 @@ def check_brain_mask(mask: np.ndarray, affine: np.ndarray, path: Path, limits: T
             f"{path}: QC check '{what} mask size' failed: the {what} mask after skull stripping is {size:.0f} cm³, "
             f"below {limit:g} cm³ (an adult brain is about 1,000-1,600 cm³). Check the skull stripping "
             f"(preprocess.skull_strip, preprocess.bet_fractional_threshold) or adjust qc.{key}")
+    if what == "brain" and size > limits.max_brain_cm3:
+        # A DICOM series (a folder) cannot have a mask file beside it; a file names the one it would need.
+        beside = f"no {brain_mask_path(path).name} beside it" if Path(path).suffix else "no mask file (a folder)"
+        raise ForegroundVolumeError(
+            f"{path}: QC check 'brain mask size' failed: the brain mask after skull stripping is {size:.0f} cm³, "
+            f"above {limits.max_brain_cm3:g} cm³ (an adult brain is about 1,000-1,600 cm³): a head, not a brain. "
+            f"With skull_strip precomputed and {beside}, every voxel above 0 counts as brain, so the volume must "
+            "already be skull-stripped: put its brain mask beside it, or skull-strip it first. With bet, check "
+            "preprocess.bet_fractional_threshold. Or adjust qc.max_brain_cm3")
     return size
 
 
@@ -213,7 +225,8 @@ def skull_strip_problem(mask: np.ndarray, affine: np.ndarray, path: str | Path, 
         on_error: ``preprocess.on_error``.
 
     Raises:
-        ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size.
+        ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size (or a brain mask
+            far above it).
     """
     if not np.any(mask):
         return ""

@@ -25,6 +25,8 @@ rule apply_scan:
         session=lambda wildcards: scan_info(wildcards.scan)["session"],
         device=config["apply"]["device"],
         batch_size=config["apply"]["batch_size"],
+        qc=config["qc"],
+        on_error=config["preprocess"]["on_error"],
     script:
         "../workflow_scripts/apply_scan.py"
 

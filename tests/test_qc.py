@@ -8,7 +8,7 @@ import pytest
 from conftest import t1_head as head  # a plausible adult T1
 
 from brainvq.config import validated_config
-from brainvq.io import MissingPairError, discover_scans, discover_scans_with_exclusions, load_volume
+from brainvq.io import MissingPairError, brain_mask_path, discover_scans, discover_scans_with_exclusions, load_volume
 from brainvq.preprocessing import scan_slices, skull_strip
 from brainvq.qc import (
     AffineError,
@@ -95,6 +95,18 @@ def test_a_skull_stripping_mask_far_below_a_brain_is_stopped_and_a_brain_passes(
     brain = np.zeros((140, 170, 130), bool)
     brain[10:130, 10:160, 10:120] = True
     assert check_brain_mask(brain, affine, PATH, LIMITS, "brain") > 1000
+
+
+def test_a_brain_mask_the_size_of_a_head_is_stopped_naming_the_mask_file_it_lacks_and_a_head_mask_passes():
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    whole = np.ones((120, 120, 90), bool)  # every voxel above 0 of an unstripped head: 10,368 cm3
+    with pytest.raises(ForegroundVolumeError, match=r"10368 cm³, above 3000 cm³.*a head, not a brain") as error:
+        check_brain_mask(whole, affine, PATH, LIMITS, "brain")
+    assert f"no {brain_mask_path(PATH).name} beside it" in str(error.value)
+    assert "qc.max_brain_cm3" in str(error.value)
+    assert check_brain_mask(whole, affine, PATH, LIMITS, "head") > 10000  # skull_strip none: a head is expected
+    reason = skull_strip_problem(whole, affine, PATH, LIMITS, "precomputed", "skip")
+    assert reason.startswith("ForegroundVolumeError: ") and "skull-strip it first" in reason
 
 
 # ---------------------------------------------------------------------------------------------- the gate in discovery

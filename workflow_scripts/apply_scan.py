@@ -1,6 +1,7 @@
 """Snakemake adapter for rule `apply_scan`: one preprocessed scan through the trained models -> codes, native-space
 reconstruction and anomaly map, per-scan record and report figure."""
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +10,7 @@ import numpy as np
 from brainvq.apply import write_applied_scan
 from brainvq.inference import load_slice_model, prepared_scan
 from brainvq.io import load_volume
+from brainvq.qc import Thresholds, skull_strip_problem
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
@@ -17,8 +19,15 @@ with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the scrip
     model = load_slice_model(Path(inputs.bundle[0]).parent, params.device, batch_size=params.batch_size)
     brain, mask = nib.load(inputs.brain), nib.load(inputs.mask)
     native = load_volume(inputs.volume, params.orientation or None)
-    prepared = prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, brain.affine, native,
-                             model.settings)
+    # The gate slice_volume runs after skull stripping: a mask far from a brain's size stops the run or
+    # (on_error skip) leaves the scan out, such as a head given to a model trained on skull-stripped brains.
+    voxels = np.asarray(mask.dataobj) > 0
+    reason = skull_strip_problem(voxels, mask.affine, inputs.volume, Thresholds.from_config(params.qc),
+                                 model.settings["skull_strip"], params.on_error)
+    kept = np.zeros_like(voxels) if reason else voxels
+    prepared = prepared_scan(brain.get_fdata(dtype=np.float32), kept, brain.affine, native, model.settings)
+    if reason:
+        prepared = dataclasses.replace(prepared, excluded_reason=reason)
     outputs = {name: snakemake.output[name] for name in ("codes", "recon", "anomaly", "summary", "figure")}
     summary = write_applied_scan(model, prepared, scan, params.subject, params.session, inputs.volume, outputs)
     log.info("%s: %d slices, %s codes used%s", scan, summary["n_slices"], summary["codes_used"],
