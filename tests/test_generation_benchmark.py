@@ -23,9 +23,9 @@ def test_an_ablation_that_changes_nothing_is_refused_before_training():
         ablation(None, None, None, config, same, {}, steps=1)
 
 
-@pytest.mark.parametrize(("name", "steps", "expected"), [("half_steps", None, 250), ("half_steps", 150, 75),
-                                                          ("triple_steps", 100, 300), ("undilated", 150, 150),
-                                                          ("undilated", None, 500)])
+@pytest.mark.parametrize(("name", "steps", "expected"), [("half_steps", None, 750), ("half_steps", 150, 75),
+                                                          ("third_steps", None, 500), ("third_steps", 300, 100),
+                                                          ("undilated", 150, 150), ("undilated", None, 1500)])
 def test_step_ablations_scale_the_step_count_they_would_otherwise_train(name, steps, expected):
-    base = {**load_config(None)["pixelcnn"], "steps": 500}
+    base = {**load_config(None)["pixelcnn"], "steps": 1500}
     assert ablation_config(base, ABLATIONS[name][0], steps)["steps"] == expected
