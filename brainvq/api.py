@@ -66,11 +66,12 @@ def prepare_volume(volume, settings: dict, orientation: str | None = None) -> Pr
                               bet_iterations=settings["bet_iterations"],
                               precomputed_mask=precomputed_mask(volume, ras, orientation) if method == "precomputed"
                               else None)
+    inside = np.asarray(mask.dataobj) > 0
     name = Path(volume) if isinstance(volume, (str, Path)) else Path(volume.get_filename() or "<nibabel image>")
-    check_brain_mask(np.asarray(mask.dataobj) > 0, mask.affine, name, Thresholds(), MASK_KIND[method])
+    check_brain_mask(inside, mask.affine, name, Thresholds(), MASK_KIND[method])
     if settings["n4"]:
         brain = n4_bias_correct(brain, mask)
-    return prepared_scan(brain.get_fdata(dtype=np.float32), np.asarray(mask.dataobj) > 0, ras.affine, native, settings)
+    return prepared_scan(brain.get_fdata(dtype=np.float32), inside, ras.affine, native, settings)
 
 
 class BrainModel(SliceModel):

@@ -285,8 +285,8 @@ def check_volume(img, data: np.ndarray, affine: np.ndarray, path: str | Path, li
 def gated_brain(brain_path: str | Path, mask_path: str | Path, raw_path: str | Path, qc: dict,
                 preprocess: dict) -> tuple[np.ndarray, np.ndarray, str]:
     """Return a skull-stripped scan's (brain volume float32, mask bool, reason) where ``reason`` is why the QC gate
-    after skull stripping leaves the scan out ('' when it passes): a mask far below an adult size stops the run
-    (``preprocess.on_error: fail``) or leaves the scan out (the rules slice_volume and cut_volume).
+    after skull stripping leaves the scan out ('' when it passes): a mask far from an adult size stops the run
+    (``preprocess.on_error: fail``) or leaves the scan out (the rules slice_volume, cut_volume and apply_scan).
 
     Raises:
         ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size.

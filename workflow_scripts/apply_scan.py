@@ -10,22 +10,20 @@ import numpy as np
 from brainvq.apply import write_applied_scan
 from brainvq.inference import load_slice_model, prepared_scan
 from brainvq.io import load_volume
-from brainvq.qc import Thresholds, skull_strip_problem
+from brainvq.qc import gated_brain
 from brainvq.workflow import logged
 
 with logged(snakemake) as log:  # noqa: F821 (snakemake is injected by the script directive)
     params, inputs, scan = snakemake.params, snakemake.input, snakemake.wildcards.scan
     # The bundle folder is the one holding its bundle.json (the first bundle input).
     model = load_slice_model(Path(inputs.bundle[0]).parent, params.device, batch_size=params.batch_size)
-    brain, mask = nib.load(inputs.brain), nib.load(inputs.mask)
     native = load_volume(inputs.volume, params.orientation or None)
     # The gate slice_volume runs after skull stripping: a mask far from a brain's size stops the run or
     # (on_error skip) leaves the scan out, such as a head given to a model trained on skull-stripped brains.
-    voxels = np.asarray(mask.dataobj) > 0
-    reason = skull_strip_problem(voxels, mask.affine, inputs.volume, Thresholds.from_config(params.qc),
-                                 model.settings["skull_strip"], params.on_error)
+    brain, voxels, reason = gated_brain(inputs.brain, inputs.mask, inputs.volume, params.qc,
+                                        {**model.settings, "on_error": params.on_error})
     kept = np.zeros_like(voxels) if reason else voxels
-    prepared = prepared_scan(brain.get_fdata(dtype=np.float32), kept, brain.affine, native, model.settings)
+    prepared = prepared_scan(brain, kept, nib.load(inputs.brain).affine, native, model.settings)
     if reason:
         prepared = dataclasses.replace(prepared, excluded_reason=reason)
     outputs = {name: snakemake.output[name] for name in ("codes", "recon", "anomaly", "summary", "figure")}
