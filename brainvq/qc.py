@@ -289,7 +289,7 @@ def gated_brain(brain_path: str | Path, mask_path: str | Path, raw_path: str | P
     (``preprocess.on_error: fail``) or leaves the scan out (the rules slice_volume, cut_volume and apply_scan).
 
     Raises:
-        ForegroundVolumeError: with on_error 'fail', when the mask is far below an adult size.
+        ForegroundVolumeError: with on_error 'fail', when the mask is far from an adult size.
     """
     import nibabel as nib
 
