@@ -52,6 +52,54 @@ def test_two_sample_test_tells_real_slices_from_noise():
     assert result["auroc"] > 0.95 and result["ci95"][0] > 0.8, result
 
 
+def slices_of_subjects(n_subjects: int, per_subject: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (slices, subject of each): every subject's slices carry that subject's own faint pattern, drawn from
+    one distribution for all subjects (what makes a scan recognisable without making a set different)."""
+    images, _ = synthetic_brain_slices(n_subjects * per_subject, 32, seed)
+    marks = np.random.default_rng(seed).uniform(-0.25, 0.25, (n_subjects, 32, 32)).astype(np.float32)
+    return np.clip(images + np.repeat(marks, per_subject, axis=0), 0, 1), np.repeat(np.arange(n_subjects), per_subject)
+
+
+def test_fold_assignment_holds_out_whole_subjects_and_keeps_pairs_together():
+    groups = np.repeat(["s1", "s2", "s3", "s4", "s5"], [9, 3, 5, 7, 6])
+    fold_a, fold_b = two_sample.fold_assignment(len(groups), len(groups), 2, seed=0, groups_a=groups)
+    assert all(len(set(fold_a[groups == g])) == 1 for g in set(groups))
+    assert set(fold_a) == {0, 1} and np.array_equal(fold_a, fold_b)
+    assert abs(np.sum(fold_a == 0) - np.sum(fold_a == 1)) <= 4  # balanced by size
+
+
+def test_two_sample_test_holding_out_subjects_stops_it_scoring_who_the_few_reference_subjects_are():
+    # Four reference subjects of twelve slices against 48 slices of other subjects from the same distribution:
+    # with slices split at random the classifier recognises the four subjects' own patterns in the held-out half.
+    item, grouped = [], []
+    for seed in range(4):
+        few, subjects = slices_of_subjects(4, 12, seed)
+        many, _ = slices_of_subjects(48, 1, seed + 100)
+        settings = {"epochs": 10, "seed": 0, "n_bootstrap": 100, "size": 16}
+        item.append(two_sample.classifier_two_sample_test(few, many, **settings)["auroc"])
+        result = two_sample.classifier_two_sample_test(few, many, groups_a=subjects, **settings)
+        assert result["fold_unit"] == "group"
+        grouped.append(result["auroc"])
+    assert np.mean(item) > 0.75, item
+    assert np.mean(grouped) < 0.7 and np.mean(item) - np.mean(grouped) > 0.15, (item, grouped)
+
+
+def test_two_sample_test_with_subjects_held_out_still_tells_real_slices_from_noise():
+    images, subjects = slices_of_subjects(4, 10, seed=1)
+    noise = np.random.default_rng(0).uniform(0, 1, images.shape).astype(np.float32)
+    result = two_sample.classifier_two_sample_test(images, noise, epochs=10, seed=0, n_bootstrap=300, size=16,
+                                                   groups_a=subjects)
+    assert result["fold_unit"] == "group" and result["auroc"] > 0.95 and result["ci95"][0] > 0.8, result
+
+
+def test_two_sample_test_splits_single_slices_when_there_are_fewer_subjects_than_folds():
+    images, _ = synthetic_brain_slices(12, 32, seed=3)
+    result = two_sample.classifier_two_sample_test(images[:6], images[6:], epochs=2, n_bootstrap=50, size=16,
+                                                   groups_a=np.zeros(6))
+    assert result["fold_unit"] == "item" and "fewer groups (1) than folds (2)" in result["fold_unit_reason"]
+    assert result["auroc"] is not None
+
+
 def test_two_sample_test_reports_why_tiny_sets_get_no_auroc():
     images, _ = synthetic_brain_slices(3, 32, seed=2)
     result = two_sample.classifier_two_sample_test(images[:1], images[1:], folds=2)

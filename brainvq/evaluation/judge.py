@@ -50,6 +50,7 @@ class GenerationJudge:
         decode: code maps ``(N, h, w)`` -> images ``(N, H, W)`` in [0, 1] (the run's VQ-VAE decoder).
         train_codes, train_positions: every training code map and its slice position (copy candidates).
         test_codes, test_positions: the code map and slice position of each real test slice, in ``test_images`` order.
+        test_subjects: the subject of each real test slice (the two-sample test holds out whole subjects).
         test_images: rows of the test slices -> their images ``(N, H, W)``.
         train_images: slice positions -> training slices matched to them (the real-vs-real references).
         position_model: the position regressor (its features are the independent feature space).
@@ -64,6 +65,7 @@ class GenerationJudge:
     train_positions: np.ndarray
     test_codes: np.ndarray
     test_positions: np.ndarray
+    test_subjects: np.ndarray
     test_images: Callable[[np.ndarray], np.ndarray]
     train_images: Callable[[np.ndarray], np.ndarray]
     position_model: SliceCNN
@@ -99,8 +101,8 @@ class GenerationJudge:
 
 
 def fit_judge(settings: dict, codebook_size: int, decode, train_codes: np.ndarray, train_positions: np.ndarray,
-              test_codes: np.ndarray, test_positions: np.ndarray, test_images, train_images,
-              position_training: tuple[np.ndarray, np.ndarray]) -> GenerationJudge:
+              test_codes: np.ndarray, test_positions: np.ndarray, test_subjects: np.ndarray, test_images,
+              train_images, position_training: tuple[np.ndarray, np.ndarray]) -> GenerationJudge:
     """Return a :class:`GenerationJudge`: the position regressor trained on ``position_training`` (training slices
     and their positions) and copy thresholds calibrated on perturbed copies of training maps."""
     seed = settings["seed"]
@@ -108,7 +110,8 @@ def fit_judge(settings: dict, codebook_size: int, decode, train_codes: np.ndarra
     position_model = fit_position_regressor(*position_training, settings["position_epochs"], seed,
                                             settings["judge_image_px"])
     judge = GenerationJudge(settings, codebook_size, decode, np.asarray(train_codes), np.asarray(train_positions),
-                            np.asarray(test_codes), np.asarray(test_positions), test_images, train_images,
+                            np.asarray(test_codes), np.asarray(test_positions), np.asarray(test_subjects),
+                            test_images, train_images,
                             position_model, {}, {})
     picks = np.random.default_rng(seed).choice(len(train_codes), min(settings["copies_calibration_maps"],
                                                                      len(train_codes)), replace=False)
@@ -155,10 +158,11 @@ def judge_samples(judge: GenerationJudge, images: np.ndarray, codes: np.ndarray,
     c2st = {}
     for pair in pairs:
         a, b = pair.split("_vs_")
-        # The generated (or decoded) set is the positive class; the reference set the negative one.
+        # The generated (or decoded) set is the positive class; the reference set (real test slices or their
+        # reconstructions, item i matched to generated slice i) the negative one, held out subject by subject.
         c2st[pair] = classifier_two_sample_test(sets[b], sets[a], settings["c2st_folds"], settings["c2st_epochs"],
                                                 settings["seed"], settings["c2st_bootstrap"],
-                                                settings["judge_image_px"])
+                                                settings["judge_image_px"], judge.test_subjects[rows])
     scores = judge.copy_scores(images, codes, positions)
     flags = copy_flags(scores["hamming"], scores["ssim"], judge.copy_thresholds)
     metrics = {
