@@ -48,6 +48,7 @@ ABLATIONS = {
     "dropout": ({"dropout": 0.1}, {}, "dropout 0.1 on the gated activations"),
     "top_p": ({}, {"top_p": 0.9}, "nucleus sampling, top_p 0.9"),
     "temperature": ({}, {"temperature": 0.8}, "sampling at temperature 0.8"),
+    "temperature_one": ({}, {"temperature": 1.0}, "sampling at temperature 1 (the default until 0.9 did better)"),
     "half_steps": ({"steps": "half"}, {}, "half the training steps"),
     "third_steps": ({"steps": "third"}, {}, "a third of the training steps (500, the default until 1500 did better)"),
 }

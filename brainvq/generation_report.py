@@ -23,8 +23,9 @@ CONTROL_COLUMNS = {
 GENERATION_ROWS = (
     ("Two-sample AUROC, samples vs reconstructions", ("c2st", "samples_vs_reconstructions"), None,
      "Any difference between samples and decoded real code maps that a small CNN learns: the prior's failures "
-     "alone (same decoder). 0.5 = indistinguishable.",
-     "Differences too subtle for a small CNN on this many slices (see the interval); copies score 0.5."),
+     "alone (same decoder). 0.5 = indistinguishable. Test subjects are held out whole, so the CNN cannot score "
+     "who the few test subjects are.",
+     "Differences too subtle for a small CNN on this many slices (see the interval); copies score near 0.5."),
     ("Two-sample AUROC, samples vs real", ("c2st", "samples_vs_real"), ("c2st", "reconstructions_vs_real"),
      "Samples against real test slices: the prior's and the decoder's failures together.",
      "Which of the two is at fault (the reference is the decoder's own gap)."),
@@ -111,12 +112,13 @@ def prior_table(metrics: dict) -> pd.DataFrame:
                          for label, whole, brain in PRIOR_ROWS])
 
 
-def sample_grid_figure(arrays: dict, new_figure, image_axis, pairs_per_row: int = 8) -> Figure:
-    """Return every sample (grouped by slice position) beside its nearest training code map, decoded; flagged
-    copies are framed in red."""
+def sample_grid_figure(arrays: dict, new_figure, image_axis, pairs_per_row: int = 8,
+                       rows_per_position: int = 2) -> Figure:
+    """Return the first ``pairs_per_row * rows_per_position`` samples of each slice position, each beside its
+    nearest training code map, decoded; flagged copies are framed in red (the copy figure shows every sample)."""
     samples, neighbours = arrays["generation_samples"], arrays["generation_neighbours"]
     positions = np.round(arrays["generation_positions"], 3)
-    groups = [np.flatnonzero(positions == p) for p in np.unique(positions)]
+    groups = [np.flatnonzero(positions == p)[:pairs_per_row * rows_per_position] for p in np.unique(positions)]
     rows = [(group[start:start + pairs_per_row]) for group in groups for start in range(0, len(group), pairs_per_row)]
     fig = new_figure(0.95 * 2 * pairs_per_row, 1.05 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), 2 * pairs_per_row, squeeze=False)
@@ -135,8 +137,9 @@ def sample_grid_figure(arrays: dict, new_figure, image_axis, pairs_per_row: int 
                 for ax in (left, right):
                     for spine in ax.spines.values():
                         spine.set(visible=True, color="#d62728", linewidth=2)
-    fig.suptitle("Each sample (left of a pair, titled with its slice position) beside its nearest training code map "
-                 "decoded (right: Hamming distance H, decoded SSIM S); copies framed red")
+    fig.suptitle(f"The first {pairs_per_row * rows_per_position} samples of each position (left of a pair, titled "
+                 "with its slice position), each beside its nearest training code map decoded (right: Hamming "
+                 "distance H, decoded SSIM S); copies framed red")
     return fig
 
 
