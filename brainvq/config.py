@@ -30,6 +30,14 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def section_defaults(section: str) -> dict:
+    """Return the schema's default of each key of the top-level ``section`` that has one (what an unset key means,
+    for callers outside a run's config such as the Python API)."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    return {key: spec["default"] for key, spec in schema["properties"][section]["properties"].items()
+            if "default" in spec}
+
+
 def validated_config(config: dict) -> dict:
     """Return ``config`` validated against the schema with every default filled in.
 

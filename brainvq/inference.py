@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from brainvq.bundle import MODEL_FILES, read_bundle, trained_preprocess
+from brainvq.config import section_defaults
 from brainvq.measures.anomaly import anomaly_score_maps
 from brainvq.measures.similarity import reconstruction_metric_table
 from brainvq.preprocessing import float32_image, intensity_window, resample_to_grid, scan_slices, slices_to_volume
@@ -142,13 +143,18 @@ class SliceModel:
         return tuple(resample_to_grid(float32_image(data, prepared.ras_affine), prepared.native_shape,
                                       prepared.native_affine) for data in (recon, anomaly))
 
-    def sample(self, n: int, positions, labels=None, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    def sample(self, n: int, positions, labels=None, temperature: float | None = None, seed: int = 0,
+               top_p: float | None = None) -> np.ndarray:
         """Return ``n`` slices ``(n, H, W)`` drawn from the prior, spread evenly over slice ``positions`` (0 = the
         lowest brain slice, 1 = the highest), decoded by the VQ-VAE. ``labels``: one class per slice, for a prior
-        trained with ``pixelcnn.condition_label``."""
+        trained with ``pixelcnn.condition_label``. ``temperature`` and ``top_p`` default to the ``sample`` rule's
+        (config/schema.yaml)."""
+        defaults = section_defaults("sample")
         plan = np.sort(np.asarray(positions, np.float32)[np.arange(n) % len(positions)])
-        codes = sample_codes(self.prior, plan, labels, temperature=temperature, seed=seed,
-                             batch_size=self.batch_size, device=self.device)
+        codes = sample_codes(self.prior, plan, labels,
+                             temperature=defaults["temperature"] if temperature is None else temperature, seed=seed,
+                             batch_size=self.batch_size, device=self.device,
+                             top_p=defaults["top_p"] if top_p is None else top_p)
         return self.decode(codes.numpy())
 
 

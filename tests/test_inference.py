@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from brainvq import load_model
+from brainvq.config import section_defaults
 from brainvq.inference import ScanOutputs
 from model_files import write_untrained_bundle
 from volume_trees import asymmetric_head, nifti, oblique_affine, write_dicom_series
@@ -82,3 +83,10 @@ def test_sample_draws_slices_at_the_given_positions_reproducibly(model):
     assert samples.shape == (5, 64, 64) and samples.dtype == np.float32
     assert samples.min() >= 0 and samples.max() <= 1
     assert np.array_equal(samples, model.sample(5, positions=[0.2, 0.8], seed=3))
+
+
+def test_sample_draws_at_the_sample_rules_temperature_unless_told(model):
+    default = section_defaults("sample")["temperature"]
+    drawn = model.sample(5, positions=[0.5], seed=1)
+    assert np.array_equal(drawn, model.sample(5, positions=[0.5], seed=1, temperature=default))
+    assert not np.array_equal(drawn, model.sample(5, positions=[0.5], seed=1, temperature=default * 2))
