@@ -14,7 +14,8 @@ reconstructions with slices split at random, and 0.60 with subjects held out.
 
 What it can detect: any difference a small CNN learns from this many slices (texture, shape, intensity, missing
 anatomy). What it cannot: a difference too subtle for that network and sample size (small sets give wide
-intervals), and which set is better.
+intervals), and which set is better. The interval resamples slices, not subjects: with a handful of test subjects
+it leaves out how much the AUROC would move with other subjects.
 """
 
 from __future__ import annotations
