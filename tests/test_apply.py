@@ -15,13 +15,21 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from nibabel.processing import resample_from_to
 
 from brainvq import load_model
 from brainvq.apply import ApplyInputError, applied_metrics
 from brainvq.io import brain_mask_path, is_brain_mask_path, load_volume
 from brainvq.qc import ForegroundVolumeError
-from snakemake_helpers import missing_pipeline_rules, shared_tiny_run, tiny_config
+from snakemake_helpers import (
+    REPO,
+    apply_mode_config,
+    missing_pipeline_rules,
+    run_snakemake,
+    shared_tiny_run,
+    tiny_config,
+)
 from test_reporting import PAGE_CHECK, chromium, run_chromium
 from volume_trees import nifti, write_dicom_series
 
@@ -287,3 +295,17 @@ def test_a_probe_on_applied_codes_finds_a_label_the_codes_carry_and_not_an_unrel
     assert good["probe"]["codes"]["p_value"] < 0.05
     bad, _, _ = applied_metrics(records, codes, MANIFEST, participants, ABOUT, "half", PROBE_SETTINGS)
     assert bad["probe"]["codes"]["auroc"] < 0.75
+
+
+def test_apply_mode_names_the_key_and_the_fix_when_its_folder_of_scans_is_missing(tmp_path):
+    # The real workflow, parsing an apply config whose folder of scans does not exist: it stops before any job.
+    config = yaml.safe_load(apply_mode_config().read_text())
+    missing = tmp_path / "no-such-scans"
+    config["apply"]["input"]["local_dir"] = str(missing)
+    configfile = tmp_path / "apply.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("-s", REPO / "Snakefile", "-d", tmp_path / "work", "--configfile", REPO / "config" /
+                         "config.yaml", configfile, "-n", "--cores", "1", check=False, timeout=300)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stdout and "apply.input.local_dir" in proc.stdout, proc.stdout[-3000:]
+    assert not (tmp_path / "work" / "results").exists()
