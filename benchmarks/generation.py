@@ -51,6 +51,8 @@ ABLATIONS = {
     "temperature_one": ({}, {"temperature": 1.0}, "sampling at temperature 1 (the default until 0.9 did better)"),
     "half_steps": ({"steps": "half"}, {}, "half the training steps"),
     "third_steps": ({"steps": "third"}, {}, "a third of the training steps (500, the default until 1500 did better)"),
+    "prior_seed": ({"seed": 1}, {}, "the default prior from another seed: how far the measures move by chance"),
+    "sample_seed": ({}, {"seed": 1}, "the run's prior sampled from another seed: how far the measures move by chance"),
 }
 STEP_FACTORS = {"half": 1 / 2, "third": 1 / 3}
 
@@ -149,6 +151,7 @@ def table_row(name: str, entry: dict) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    opening = provenance("generation")  # the commit the measures ran from, not the one at the end
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
     settings = config["evaluate"]
@@ -178,7 +181,7 @@ def main(argv=None) -> dict:
                            **ablation(run, judge, inputs, config, prior_overrides, sample_overrides, args.steps,
                                      run_prior)}
     report = {
-        **provenance("generation"),
+        **opening,
         "run": str(results), "n_samples": int(len(positions)),
         "config": {"pixelcnn": config["pixelcnn"], "sample": config["sample"], "evaluate": settings},
         "references": references,
