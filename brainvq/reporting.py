@@ -93,7 +93,8 @@ METRIC_ROWS = (
      "The PixelCNN's NLL over code positions inside the brain (head) mask only, where the anatomy is."),
     ("Generation", "Two-sample AUROC, samples vs reconstructions",
      ("generation", "c2st", "samples_vs_reconstructions", "auroc"), "float",
-     "A small CNN telling samples from decoded real code maps, on held-out halves; 0.5 = indistinguishable."),
+     "A small CNN telling samples from decoded real code maps, scored on test subjects it did not train on; "
+     "0.5 = indistinguishable."),
     ("Generation", "Position error, samples (MAE)", ("generation", "position_error", "samples"), "float",
      "Error of a regressor trained on training slices at reading the axial level the samples were drawn for."),
     ("Generation", "Position error, real test slices (MAE)", ("generation", "position_error", "real"), "float",
