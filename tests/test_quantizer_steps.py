@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from brainvq.engine import leave_process_group
 from brainvq.models import (
     VQVAE,
     FiniteScalarQuantizer,
@@ -159,27 +160,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bottleneck_after_ddp_steps(name: str, rank: int) -> dict:
+    """Return the bottleneck's state after 4 DDP steps on this process's half of each batch (the DDP wrapper is
+    freed on return, before the process group is destroyed)."""
+    model = tiny_model(name, 2).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        x = images(2, seed=10 * step + rank)  # each process sees its own half of the batch
+        reconstruction, aux = ddp(x)
+        loss = sum(model.reconstruction_losses(reconstruction, x, aux, F.l1_loss).values())
+        loss = loss + sum(aux["loss"].values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.bottleneck.state_dict().items()}
+
+
 def _two_process_worker(rank: int, world: int, port: int, result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(100 + rank)  # different RNG streams: agreement must come from the collectives
-    results = {}
-    for name in ("vq", "som"):
-        model = tiny_model(name, 2).train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(4):
-            x = images(2, seed=10 * step + rank)  # each process sees its own half of the batch
-            reconstruction, aux = ddp(x)
-            loss = sum(model.reconstruction_losses(reconstruction, x, aux, F.l1_loss).values())
-            loss = loss + sum(aux["loss"].values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        results[name] = {k: v.clone() for k, v in model.bottleneck.state_dict().items()}
+    results = {name: _bottleneck_after_ddp_steps(name, rank) for name in ("vq", "som")}
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # The engine's exit path: destroying the group while a DDP wrapper still held it hung this test once
+    # (the wrapper, freed afterwards, destroyed the Gloo group under the GIL its worker thread waited for).
+    leave_process_group()
 
 
 def test_two_processes_keep_identical_codebooks_through_init_restarts_and_updates(tmp_path):
