@@ -8,8 +8,8 @@ the held-out items, resampled within each set and part.
 
 When the items of the reference set carry groups (the subject of each real slice), whole groups are held out
 together. Otherwise neighbouring slices of one subject sit on both sides of the split, and the classifier learns
-who the few test subjects are rather than whether the sets differ: on the demo, decoded *training* maps (what a
-prior that had learned the training distribution would draw) scored 0.75 against the test subjects'
+who the few test subjects are rather than whether the sets differ: on the demo (64 samples), decoded *training*
+maps (what a prior that had learned the training distribution would draw) scored 0.75 against the test subjects'
 reconstructions with slices split at random, and 0.60 with subjects held out.
 
 What it can detect: any difference a small CNN learns from this many slices (texture, shape, intensity, missing
