@@ -104,11 +104,6 @@ def test_code_of_each_slice(run: EvaluationRun) -> np.ndarray:
     return np.stack([run.codes[scan][row] for scan, row in zip(run.test_slices["scan"], rows)])
 
 
-def test_subjects(run: EvaluationRun) -> np.ndarray:
-    """Return the subject of each test slice, in ``run.test_slices`` order."""
-    return run.split.set_index("scan").loc[run.test_slices["scan"].to_numpy(), "subject"].to_numpy()
-
-
 def run_judge(run: EvaluationRun) -> GenerationJudge:
     """Return the run's :class:`GenerationJudge` (decoder: the run's VQ-VAE)."""
     settings = run.settings
@@ -121,7 +116,8 @@ def run_judge(run: EvaluationRun) -> GenerationJudge:
     train_index = run.index_of("train")
     return fit_judge(
         settings, run.codebook_size, decode, run.split_codes("train"), train_index["slice_position"].to_numpy(),
-        test_code_of_each_slice(run), run.test_slices["slice_position"].to_numpy(), test_subjects(run), run.test_images,
+        test_code_of_each_slice(run), run.test_slices["slice_position"].to_numpy(),
+        run.test_slices["subject"].to_numpy(), run.test_images,
         lambda positions: matched_training_images(run.train_paths, positions, settings), position_training_slices(run))
 
 
